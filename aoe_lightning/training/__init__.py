@@ -1,0 +1,1 @@
+"""Lightning training: the LightningModule, callbacks, FSDP wrapping and the ``aoe fit`` / ``aoe export`` commands."""
