@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -169,6 +170,9 @@ def run_fit(argv: list[str] | None = None, trainer_defaults: dict[str, Any] | No
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The `aoe` dispatcher passes the arguments after "fit" explicitly while sys.argv still holds them;
+    # Lightning warns about that combination, but it is intended here.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         run_fit(argv)
     except (RunDirectoryError, FileNotFoundError, ValueError) as exc:

@@ -1,0 +1,135 @@
+"""Training-step throughput, MFU and peak memory of the tiny dense, MoE and AoE presets, in one run.
+
+Each preset runs in its own child process (so that peak memory is its own) for ``--warmup`` untimed and
+``--steps`` timed steps of forward, backward, gradient clipping and AdamW on random token batches of the
+preset's ``data.batch_size`` x ``data.seq_len``. The table gives tokens/s, the ratio to the dense preset
+(whose SwiGLU width equals the MoE's ``top_k * d_ffn``, so its active FFN parameters match), MFU, and peak
+memory.
+
+- MFU = ``training_flops_per_token * tokens/s / peak``, with the peak measured in the same run as the
+  FLOP/s of a square matmul (fp32 on CPU, bf16 on CUDA), not taken from a datasheet.
+- Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the child's peak resident set size
+  (``ru_maxrss``) minus its size after importing torch, so it includes the allocator's slack.
+
+Usage: ``python benchmarks/train_step.py [--configs configs/tiny_dense.yaml ...] [--steps 20] [--device cuda]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = [REPO / "configs" / f"tiny_{kind}.yaml" for kind in ("dense", "moe", "aoe")]
+
+
+def load_preset(path: Path):
+    import yaml
+
+    from aoe_lightning.params_cli import load_model_config
+
+    document = yaml.safe_load(path.read_text())
+    data = document.get("data", {})
+    return load_model_config(path), int(data.get("batch_size", 8)), int(data.get("seq_len", 128))
+
+
+def measure(path: Path, steps: int, warmup: int, device: str, threads: int | None, queue) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    from aoe_lightning.models import Transformer
+    from aoe_lightning.models.params import count_parameters, training_flops_per_token
+    from aoe_lightning.training.callbacks import measure_matmul_peak
+    from aoe_lightning.training.optim import parameter_groups
+
+    base_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    config, batch_size, seq_len = load_preset(path)
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = Transformer(config).to(dev)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
+    coef = config.ffn.load_balance_coef
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator)
+               for _ in range(4)]
+
+    def step(tokens: torch.Tensor) -> None:
+        tokens = tokens.to(dev)
+        with torch.autocast(device_type=dev.type, dtype=dtype, enabled=dev.type == "cuda"):
+            out = model(tokens[:, :-1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss = loss + coef * out.aux_losses.get("load_balance", loss.new_zeros(()))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+
+    tokens_per_s = steps * batch_size * seq_len / seconds
+    peak = measure_matmul_peak(dev, dtype)
+    flops = training_flops_per_token(config, seq_len) * tokens_per_s
+    if dev.type == "cuda":
+        memory_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        memory_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss_kib) / 1024
+    counts = count_parameters(config)
+    queue.put({
+        "preset": path.stem,
+        "kind": config.ffn.kind,
+        "active": counts.non_embedding_active,
+        "tokens_per_s": tokens_per_s,
+        "mfu": flops / peak,
+        "peak_tflops": peak / 1e12,
+        "memory_mib": memory_mib,
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", type=Path, default=DEFAULT_CONFIGS,
+                        help="aoe fit presets; the first is the baseline of the ratio column")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per preset")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+
+    context = mp.get_context("spawn")
+    rows = []
+    for path in args.configs:
+        queue = context.Queue()
+        child = context.Process(target=measure, args=(path, args.steps, args.warmup, args.device, args.threads, queue))
+        child.start()
+        rows.append(queue.get())
+        child.join()
+
+    base = rows[0]["tokens_per_s"]
+    print(f"device: {args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+          f"threads {args.threads or torch.get_num_threads()}, {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"measured matmul peak: {rows[0]['peak_tflops'] * 1e3:.1f} GFLOP/s\n")
+    print(f"| preset | ffn | active non-embedding params | tokens/s | vs {rows[0]['preset']} | MFU | peak memory (MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['preset']} | {row['kind']} | {row['active']:,} | {row['tokens_per_s']:,.0f} | "
+              f"{row['tokens_per_s'] / base:.2f} | {row['mfu']:.1%} | {row['memory_mib']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
