@@ -210,5 +210,28 @@ def test_no_weight_decay_on_norms():
     assert {names[id(p)] for p in undecayed["params"]} == {
         "blocks.0.attn_norm.weight", "blocks.0.ffn_norm.weight", "norm.weight"
     }
-    assert decayed["weight_decay"] == 0.1 and undecayed["weight_decay"] == 0.0
+    assert decayed["weight_decay"] == 0.1
+    assert undecayed["weight_decay"] == 0.0
     assert OptimizerConfig(lr=1e-3, min_lr=1e-2).validation_errors() == ["optimizer.min_lr=0.01 must be in [0, lr=0.001]"]
+
+
+def test_bf16_and_activation_checkpointing(tmp_path, shakespeare_data):
+    run_dir = tmp_path / "run"
+    extra = ["--trainer.precision", "bf16-mixed", "--model.activation_checkpointing", "true"]
+    cli = run_fit(fit_args(run_dir, shakespeare_data, steps=4, kind="aoe", extra=extra))
+    assert cli.model.model.activation_checkpointing
+    losses = [value for _, value in scalars(run_dir / "tensorboard" / "run", "train/loss")]
+    assert len(losses) == 4
+    assert all(math.isfinite(value) for value in losses)
+    assert cli.model.model.blocks[0].ffn.experts.w_down.dtype == torch.float32  # master weights stay fp32
+
+
+def test_print_config_lists_ffn_switches(capsys):
+    from aoe_lightning.training.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny_aoe.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for line in ("kind: aoe", "d_low: 32", "selection: top_k", "gate_norm: softmax_selected", "score_norm: l2"):
+        assert line in printed

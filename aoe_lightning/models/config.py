@@ -68,7 +68,7 @@ class FFNConfig:
     d_wide_multiple: int = 1
     """Round the derived ``d_wide`` up to a multiple of this (e.g. 64 for tensor-core friendly shapes)."""
     selection: Selection = "top_k"
-    """How experts are chosen: ``top_k`` (token choice), ``top_p`` (cumulative probability) or ``expert_choice``."""
+    """Expert selection strategy: ``top_k`` (token choice), ``top_p`` (cumulative probability) or ``expert_choice``."""
     top_p: float = 0.6
     """Cumulative probability threshold for ``top_p`` selection, in (0, 1]."""
     capacity_factor: float = 2.0
@@ -169,7 +169,7 @@ class ModelConfig:
     n_heads: int = 12
     d_model: int = 768
     max_seq_len: int = 1024
-    """Longest sequence the RoPE tables cover, in tokens."""
+    """Maximum sequence length in tokens (the size of the RoPE tables)."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
     rope_theta: float = 10000.0

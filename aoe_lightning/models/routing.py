@@ -20,7 +20,7 @@ from aoe_lightning.models.config import FFNConfig
 
 @dataclass
 class Assignments:
-    """Which experts process which tokens, and with what gate weight."""
+    """Assignment of tokens to experts, with one gate weight per (token, expert) pair."""
 
     token_ids_A: Tensor
     """Row of the flattened token batch for each assignment (int64)."""

@@ -73,7 +73,7 @@ def export_checkpoint(checkpoint_path: str | Path, output_path: str | Path, over
     config = ModelConfig.from_dict(checkpoint["aoe_model_config"])
     state = model_state_dict(module_state)
     if not state:
-        raise ExportError(f"checkpoint {str(checkpoint_path)!r} holds no 'model.*' weights")
+        raise ExportError(f"checkpoint {str(checkpoint_path)!r} contains no 'model.*' weights")
     metadata = {
         "global_step": checkpoint.get("global_step"),
         "epoch": checkpoint.get("epoch"),

@@ -11,7 +11,11 @@ from torch import nn
 
 @dataclass
 class OptimizerConfig:
-    """AdamW and schedule settings; the defaults follow the paper's pre-training recipe, scaled to small runs."""
+    """AdamW and schedule settings.
+
+    Betas, weight decay, clipping and learning rates default to the recipe of Autonomy-of-Experts Models
+    (Lv et al., 2025). The warm-up default is shortened from the paper's 4800 steps to 100 for small runs.
+    """
 
     lr: float = 2e-4
     """Peak learning rate, reached at the end of warm-up."""
