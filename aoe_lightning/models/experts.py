@@ -74,12 +74,15 @@ class GroupedExperts(nn.Module):
         if low_rank_TNL is not None:
             low_rank_AL = low_rank_TNL[token_ids_A, expert_ids_A]
 
+        # Split each stacked weight once. Indexing ``w[expert]`` inside the loop would make the backward pass
+        # build a full-size (N, ...) zero gradient per expert and weight: O(N^2) memory traffic per step.
+        weights = {name: param.unbind(0) for name, param in self.named_parameters(recurse=False)}
         outputs = []
         start = 0
         for expert, count in enumerate(counts_N.tolist()):
             end = start + count
             gate_input = None if low_rank_AL is None else low_rank_AL[start:end]
-            outputs.append(self.expert_forward(expert, x_AD[start:end], gate_input))
+            outputs.append(self.expert_forward(expert, x_AD[start:end], gate_input, weights))
             start = end
         y_AD = torch.cat(outputs, dim=0)
 
@@ -88,13 +91,27 @@ class GroupedExperts(nn.Module):
         out_TD.index_add_(0, token_ids_A, weighted_AD)
         return out_TD.to(x_TD.dtype), counts_N
 
-    def expert_forward(self, expert: int, x_SD: Tensor, low_rank_SL: Tensor | None = None) -> Tensor:
-        """SwiGLU of one expert on S tokens; ``low_rank_SL`` is a cached ``x W_down`` for factorized gates."""
+    def expert_forward(
+        self,
+        expert: int,
+        x_SD: Tensor,
+        low_rank_SL: Tensor | None = None,
+        weights: dict[str, tuple[Tensor, ...]] | None = None,
+    ) -> Tensor:
+        """Compute the SwiGLU of one expert on S tokens.
+
+        ``low_rank_SL`` is a cached ``x W_down`` for factorized gates. ``weights`` maps each weight name to its
+        per-expert slices (``param.unbind(0)``) for callers that loop over all experts.
+        """
+
+        def weight(name: str) -> Tensor:
+            return getattr(self, name)[expert] if weights is None else weights[name][expert]
+
         if self.factorized:
             if low_rank_SL is None:
-                low_rank_SL = x_SD @ self.w_down[expert]
-            gate_SH = low_rank_SL @ self.w_up[expert]
+                low_rank_SL = x_SD @ weight("w_down")
+            gate_SH = low_rank_SL @ weight("w_up")
         else:
-            gate_SH = x_SD @ self.w_gate[expert]
-        hidden_SH = F.silu(gate_SH) * (x_SD @ self.w_proj[expert])
-        return hidden_SH @ self.w_out[expert]
+            gate_SH = x_SD @ weight("w_gate")
+        hidden_SH = F.silu(gate_SH) * (x_SD @ weight("w_proj"))
+        return hidden_SH @ weight("w_out")
