@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from aoe_lightning.models.config import FFNConfig
-from aoe_lightning.models.experts import GroupedExperts
+from aoe_lightning.models.experts import GroupedExperts, grouped_mm
 from aoe_lightning.models.moe import RouterMoE
 from aoe_lightning.models.transformer import SwiGLU
 
@@ -132,8 +132,12 @@ def test_token_without_assignment_outputs_zero() -> None:
 
     assert torch.count_nonzero(out[1]).item() == 0
     assert torch.count_nonzero(out[3]).item() == 0
-    expected_row0 = 0.25 * experts.expert_forward(1, x[:1]) + 0.75 * experts.expert_forward(3, x[:1])
-    assert_close(out[0], expected_row0[0])
+
+    def swiglu(expert: int, x_D: torch.Tensor) -> torch.Tensor:
+        hidden = F.silu(x_D @ experts.w_gate[expert]) * (x_D @ experts.w_proj[expert])
+        return hidden @ experts.w_out[expert]
+
+    assert_close(out[0], 0.25 * swiglu(1, x[0]) + 0.75 * swiglu(3, x[0]))
 
 
 def test_dispatch_keeps_input_dtype() -> None:
@@ -181,3 +185,48 @@ def test_single_expert_top1_equals_dense_swiglu(gate_norm: str) -> None:
     (grad_x,) = torch.autograd.grad(out, x, upstream)
     (expected_grad_x,) = torch.autograd.grad(expected, x, upstream)
     assert_close(grad_x, expected_grad_x)
+
+
+def test_grouped_mm_gradcheck_with_empty_group() -> None:
+    generator = torch.Generator().manual_seed(3)
+    counts = [3, 0, 5, 2]
+    x = torch.randn(10, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    w = torch.randn(4, 4, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    assert torch.autograd.gradcheck(lambda a, b: grouped_mm(a, b, counts), (x, w))
+
+
+def test_grouped_mm_matches_loop_and_expanded_grad() -> None:
+    counts = [2, 4, 0]
+    x = torch.randn(6, 5, requires_grad=True)
+    w = torch.randn(3, 5, 7, requires_grad=True)
+
+    # sum() sends back an expanded (stride-0) gradient, which the backward must accept.
+    grouped_mm(x, w, counts).sum().backward()
+
+    starts = [0, 2, 6]
+    expected = torch.cat([x[s:s + c] @ w[e] for e, (s, c) in enumerate(zip(starts, counts))])
+    assert_close(grouped_mm(x, w, counts), expected)
+    x_grad, w_grad = torch.autograd.grad(expected.sum(), (x, w))
+    assert_close(x.grad, x_grad)
+    assert_close(w.grad, w_grad)
+    assert torch.count_nonzero(w.grad[2]).item() == 0
+
+
+def test_grouped_mm_rejects_mismatched_counts() -> None:
+    with pytest.raises(ValueError, match="do not match 3 weights and 6 input rows"):
+        grouped_mm(torch.randn(6, 5), torch.randn(3, 5, 7), [2, 2, 1])
+
+
+def test_dispatch_runs_in_autocast_dtype() -> None:
+    experts = make_experts(D_LOW)
+    token_ids, expert_ids, gates = make_assignments()
+    x = torch.randn(NUM_TOKENS, D_MODEL, requires_grad=True)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = experts(x, token_ids, expert_ids, gates)
+    out.sum().backward()
+
+    assert out.dtype == torch.float32
+    assert experts.w_up.grad.dtype == torch.float32
+    assert_close(out, oracle_forward(experts, x, token_ids, expert_ids, gates), rtol=3e-2, atol=3e-2)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from aoe_lightning.models import experts as experts_module
 from aoe_lightning.models import losses
 from aoe_lightning.models.config import FFNConfig
 from aoe_lightning.models.moe import AutonomyOfExperts, RouterMoE, build_sparse_ffn
@@ -115,36 +116,40 @@ def test_aoe_output_matches_formula(score_norm: str, gate_norm: str) -> None:
 def test_aoe_reuses_cached_low_rank_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = make_aoe()
     experts = layer.experts
-    calls = {"low_rank_all": 0, "expert_forward": []}
+    low_rank_calls = 0
     caches = []
+    matmuls = []                      # (weight, input rows, group counts) of every grouped matmul
     original_low_rank_all = experts.low_rank_all
-    original_expert_forward = experts.expert_forward
+    original_grouped_mm = experts_module.grouped_mm
 
     def counting_low_rank_all(x_TD):
-        calls["low_rank_all"] += 1
+        nonlocal low_rank_calls
+        low_rank_calls += 1
         caches.append(original_low_rank_all(x_TD))
         return caches[-1]
 
-    def recording_expert_forward(expert, x_SD, low_rank_SL=None, weights=None):
-        calls["expert_forward"].append((expert, low_rank_SL))
-        return original_expert_forward(expert, x_SD, low_rank_SL, weights)
+    def recording_grouped_mm(input_AK, weight_NKM, counts):
+        matmuls.append((weight_NKM, input_AK, counts))
+        return original_grouped_mm(input_AK, weight_NKM, counts)
 
     monkeypatch.setattr(experts, "low_rank_all", counting_low_rank_all)
-    monkeypatch.setattr(experts, "expert_forward", recording_expert_forward)
+    monkeypatch.setattr(experts_module, "grouped_mm", recording_grouped_mm)
     captured = capture_dispatch(layer)
     x = torch.randn(BATCH, SEQ, D_MODEL)
 
     layer(x)
 
-    assert calls["low_rank_all"] == 1
+    assert low_rank_calls == 1
     assert captured["low_rank"] is caches[0]
-    assert [expert for expert, _ in calls["expert_forward"]] == list(range(NUM_EXPERTS))
+    used = [weight for weight, _, _ in matmuls]
+    assert not any(weight is experts.w_down for weight in used), "the dispatch recomputed x W_down"
+    assert [weight is experts.w_up for weight in used].count(True) == 1
+    _, up_input, counts = next(call for call in matmuls if call[0] is experts.w_up)
+    # The dispatch sorts stably by expert, so expert e's rows are its tokens in their original order.
     token_ids, expert_ids = captured["token_ids"], captured["expert_ids"]
-    for expert, low_rank_SL in calls["expert_forward"]:
-        assert low_rank_SL is not None, f"expert {expert} recomputed x W_down"
-        # The dispatch sorts stably by expert, so each expert receives its tokens in their original order.
-        tokens = token_ids[expert_ids == expert]
-        assert torch.equal(low_rank_SL, caches[0][tokens, expert])
+    order = torch.argsort(expert_ids, stable=True)
+    assert counts == torch.bincount(expert_ids, minlength=NUM_EXPERTS).tolist()
+    assert torch.equal(up_input, caches[0][token_ids[order], expert_ids[order]])
 
 
 def test_aoe_gradient_reaches_w_down_through_scores() -> None:

@@ -10,6 +10,8 @@ already computed, which is how AoE never computes that product twice.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,7 +58,7 @@ class GroupedExperts(nn.Module):
         """Run each assignment through its expert, weight it by its gate and sum per token.
 
         Assignments are stable-sorted by expert so that each expert reads one contiguous slice and does one
-        matmul per weight. Every expert runs every step, on an empty slice if it got no tokens, so its
+        matmul per weight (``grouped_mm``). Every expert runs every step, on an empty slice if it got no tokens, so its
         weights always receive a (zero) gradient: data-parallel ranks then issue identical collectives even
         when their tokens pick different experts. Gate weights multiply in fp32 and the sum accumulates in
         fp32, because bf16 accumulation over K experts loses the small gates.
@@ -73,45 +75,84 @@ class GroupedExperts(nn.Module):
         low_rank_AL = None
         if low_rank_TNL is not None:
             low_rank_AL = low_rank_TNL[token_ids_A, expert_ids_A]
-
-        # Split each stacked weight once. Indexing ``w[expert]`` inside the loop would make the backward pass
-        # build a full-size (N, ...) zero gradient per expert and weight: O(N^2) memory traffic per step.
-        weights = {name: param.unbind(0) for name, param in self.named_parameters(recurse=False)}
-        outputs = []
-        start = 0
-        for expert, count in enumerate(counts_N.tolist()):
-            end = start + count
-            gate_input = None if low_rank_AL is None else low_rank_AL[start:end]
-            outputs.append(self.expert_forward(expert, x_AD[start:end], gate_input, weights))
-            start = end
-        y_AD = torch.cat(outputs, dim=0)
+        y_AD = self.swiglu(x_AD, counts_N.tolist(), low_rank_AL)
 
         weighted_AD = y_AD.float() * gates_A.float()[:, None]
         out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
         out_TD.index_add_(0, token_ids_A, weighted_AD)
         return out_TD.to(x_TD.dtype), counts_N
 
-    def expert_forward(
-        self,
-        expert: int,
-        x_SD: Tensor,
-        low_rank_SL: Tensor | None = None,
-        weights: dict[str, tuple[Tensor, ...]] | None = None,
-    ) -> Tensor:
-        """Compute the SwiGLU of one expert on S tokens.
+    def swiglu(self, x_AD: Tensor, counts: list[int], low_rank_AL: Tensor | None = None) -> Tensor:
+        """Compute each expert's SwiGLU on its contiguous slice of ``x_AD`` (``counts[e]`` rows for expert e).
 
-        ``low_rank_SL`` is a cached ``x W_down`` for factorized gates. ``weights`` maps each weight name to its
-        per-expert slices (``param.unbind(0)``) for callers that loop over all experts.
+        ``low_rank_AL`` holds the cached rows ``x W_down`` of a factorized gate; without it they are computed
+        here. Under autocast the matmuls run in the autocast dtype, as ``torch.matmul`` would.
         """
+        device_type = x_AD.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_AD.dtype
 
-        def weight(name: str) -> Tensor:
-            return getattr(self, name)[expert] if weights is None else weights[name][expert]
+        def matmul(input_AK: Tensor, weight_NKM: Tensor) -> Tensor:
+            return grouped_mm(input_AK.to(dtype), weight_NKM.to(dtype), counts)
 
         if self.factorized:
-            if low_rank_SL is None:
-                low_rank_SL = x_SD @ weight("w_down")
-            gate_SH = low_rank_SL @ weight("w_up")
+            if low_rank_AL is None:
+                low_rank_AL = matmul(x_AD, self.w_down)
+            gate_AH = matmul(low_rank_AL, self.w_up)
         else:
-            gate_SH = x_SD @ weight("w_gate")
-        hidden_SH = F.silu(gate_SH) * (x_SD @ weight("w_proj"))
-        return hidden_SH @ weight("w_out")
+            gate_AH = matmul(x_AD, self.w_gate)
+        hidden_AH = F.silu(gate_AH) * matmul(x_AD, self.w_proj)
+        return matmul(hidden_AH, self.w_out)
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """Per-group matmul ``out[rows of e] = input[rows of e] @ weight[e]`` with a hand-written backward.
+
+    Autograd over a Python loop of ``input[s:e] @ weight[e]`` would record one node per expert and assemble
+    the weight gradient by stacking N per-expert gradients, a full extra copy of it. Here every product,
+    forward and backward, writes straight into its slice of one preallocated output.
+    """
+
+    @staticmethod
+    def forward(ctx, input_AK: Tensor, weight_NKM: Tensor, counts: list[int]) -> Tensor:
+        ctx.save_for_backward(input_AK, weight_NKM)
+        ctx.counts = counts
+        out_AM = input_AK.new_empty(input_AK.shape[0], weight_NKM.shape[2])
+        for expert, (start, end) in enumerate(_bounds(counts)):
+            torch.mm(input_AK[start:end], weight_NKM[expert], out=out_AM[start:end])
+        return out_AM
+
+    @staticmethod
+    def backward(ctx, grad_AM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        input_AK, weight_NKM = ctx.saved_tensors
+        grad_AM = grad_AM.contiguous()
+        grad_input_AK = grad_weight_NKM = None
+        if ctx.needs_input_grad[0]:
+            grad_input_AK = torch.empty_like(input_AK)
+        if ctx.needs_input_grad[1]:
+            grad_weight_NKM = torch.empty_like(weight_NKM)
+        for expert, (start, end) in enumerate(_bounds(ctx.counts)):
+            if grad_input_AK is not None:
+                torch.mm(grad_AM[start:end], weight_NKM[expert].t(), out=grad_input_AK[start:end])
+            if grad_weight_NKM is not None:
+                # An expert without rows gets an exact zero gradient: a matmul over an empty inner dimension.
+                torch.mm(input_AK[start:end].t(), grad_AM[start:end], out=grad_weight_NKM[expert])
+        return grad_input_AK, grad_weight_NKM, None
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, int]]:
+    ends = list(itertools.accumulate(counts))
+    return list(zip([0] + ends[:-1], ends))
+
+
+def grouped_mm(input_AK: Tensor, weight_NKM: Tensor, counts: list[int]) -> Tensor:
+    """Multiply consecutive row groups of ``input_AK`` by their expert's weight: (A, K) x (N, K, M) -> (A, M).
+
+    ``counts[e]`` rows belong to expert e, and ``sum(counts)`` must equal A. Both inputs share one dtype.
+    """
+    if len(counts) != weight_NKM.shape[0] or sum(counts) != input_AK.shape[0]:
+        raise ValueError(
+            f"grouped_mm: {len(counts)} group counts summing to {sum(counts)} do not match {weight_NKM.shape[0]} "
+            f"weights and {input_AK.shape[0]} input rows"
+        )
+    with torch.autocast(input_AK.device.type, enabled=False):
+        return _GroupedMatmul.apply(input_AK.contiguous(), weight_NKM, counts)
