@@ -1,9 +1,11 @@
 """Loglikelihood requests per second of the ``aoe`` lm-eval model at several batch sizes.
 
 Scores the first N HellaSwag requests (context + " " + ending, four per item) with a tiny randomly
-initialised model and prints one row per batch size with its speed-up over batch size 1. When
-``transformers`` is installed, lm-eval's own ``hf`` model on a GPT-2 of the same width, depth and
-window (built from a config, no download) is timed on the same requests for comparison.
+initialised dense model and prints one row per batch size with its speed-up over batch size 1. When
+``transformers`` is installed (the ``hf`` extra), lm-eval's own ``hf`` model is timed on the same requests at
+the same batch sizes: a Llama (RMSNorm, RoPE, SwiGLU, untied head) of the same width, depth, FFN width and
+window, built from a config, with a byte-level tokenizer built in memory that gives the same ids as the
+``aoe`` byte tokenizer. Nothing is downloaded, and both models score identical token sequences.
 
     python benchmarks/eval_throughput.py --data_dir /data/eval [--requests 2000] [--batch_sizes 1,8,32]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import time
 
@@ -41,19 +44,35 @@ def time_requests(lm, requests) -> float:
     return len(requests) / (time.perf_counter() - start)
 
 
-def hf_row(args, requests) -> str:
-    if importlib.util.find_spec("transformers") is None:
-        return "| hf (GPT-2, same size) | - | - | skipped: `transformers` is not installed |"
-    import transformers
-    from lm_eval.models.huggingface import HFLM
+def byte_level_hf_tokenizer():
+    """Build a ``transformers`` tokenizer whose ids are UTF-8 byte values, with 256 as end of text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    config = transformers.GPT2Config(vocab_size=257, n_positions=args.max_seq_len, n_embd=args.d_model,
-                                     n_layer=args.n_layers, n_head=args.n_heads)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained("gpt2")  # from the local cache only (offline)
-    batch = max(args.batch_sizes)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, max_length=args.max_seq_len, device="cpu")
-    return f"| hf (GPT-2, same size) | {batch} | {time_requests(lm, requests):.1f} | GPT-2 BPE tokens |"
+    # GPT-2's reversible byte-to-character table: printable bytes map to themselves, the others to
+    # characters from 256 upward, so that every byte is one vocabulary entry.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    characters = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    vocab = {characters[b]: b for b in range(256)} | {"<|endoftext|>": 256}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+def hf_model(args):
+    """Build lm-eval's ``hf`` model on a randomly initialised Llama of the benchmark's size, or return None."""
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=257, hidden_size=args.d_model, intermediate_size=4 * args.d_model,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, max_position_embeddings=args.max_seq_len,
+        tie_word_embeddings=False, bos_token_id=256, eos_token_id=256,
+    )
+    return transformers.LlamaForCausalLM(config).eval(), byte_level_hf_tokenizer()
 
 
 def main() -> None:
@@ -68,6 +87,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    # Per-request truncation warnings of lm-eval's hf model would bury the table.
+    for name in ("lm_eval", "lm-eval", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     data_dir = resolve_data_dir(args.data_dir)
     if data_dir is None:
         parser.error("pass --data_dir or set AOE_EVAL_DATA to a folder with hellaswag/hellaswag_val_full.txt.bz2")
@@ -85,15 +107,32 @@ def main() -> None:
           f"n_layers={args.n_layers} max_seq_len={args.max_seq_len} ({n_params / 1e6:.2f}M params), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     print()
-    print("| model | batch size | requests/s | vs batch 1 |")
-    print("|---|---:|---:|---:|")
-    baseline = None
+    hf = hf_model(args)
+    if hf is None:
+        print("lm-eval's hf model is skipped: `transformers` is not installed (pip install -e '.[hf]')\n")
+    else:
+        print(f"hf: LlamaForCausalLM with the same shape ({sum(p.numel() for p in hf[0].parameters()) / 1e6:.2f}M "
+              f"params), transformers {importlib.import_module('transformers').__version__}\n")
+    header = "| batch size | aoe requests/s | aoe vs batch 1 |"
+    if hf is not None:
+        header += " hf requests/s | hf vs batch 1 | aoe / hf |"
+    print(header)
+    print("|" + "---:|" * (header.count("|") - 1))
+    aoe_base = hf_base = None
     for batch_size in args.batch_sizes:
         lm = AoELM(model=model, tokenizer=ByteTokenizer(), batch_size=batch_size, device="cpu")
-        rate = time_requests(lm, requests)
-        baseline = baseline or rate
-        print(f"| aoe | {batch_size} | {rate:.1f} | {rate / baseline:.2f}x |", flush=True)
-    print(hf_row(args, requests))
+        aoe_rate = time_requests(lm, requests)
+        aoe_base = aoe_base or aoe_rate
+        row = f"| {batch_size} | {aoe_rate:.1f} | {aoe_rate / aoe_base:.2f}x |"
+        if hf is not None:
+            from lm_eval.models.huggingface import HFLM
+
+            hf_lm = HFLM(pretrained=hf[0], tokenizer=hf[1], batch_size=batch_size, max_length=args.max_seq_len,
+                         device="cpu")
+            hf_rate = time_requests(hf_lm, requests)
+            hf_base = hf_base or hf_rate
+            row += f" {hf_rate:.1f} | {hf_rate / hf_base:.2f}x | {aoe_rate / hf_rate:.2f} |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

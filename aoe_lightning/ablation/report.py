@@ -119,7 +119,10 @@ def build_rows(suite: dict[str, Any], records: list[RunRecord]) -> tuple[list[di
 
     value_columns = ["total_params", "active_params", "val_loss", "val_ppl", "tokens_per_s"]
     value_columns += [f"{task}/{metric}" for task, metric in tasks_metrics]
-    value_columns += [f"avg/{metric}" for metric in metric_names]
+    # An average over one task would only repeat that task's column.
+    tasks_per_metric = {metric: [task for task, m in tasks_metrics if m == metric] for metric in metric_names}
+    averaged = [metric for metric in metric_names if len(tasks_per_metric[metric]) > 1]
+    value_columns += [f"avg/{metric}" for metric in averaged]
     rows = []
     for group, runs in groups.items():
         finished = [run for run in runs if run.summary]
@@ -138,16 +141,19 @@ def build_rows(suite: dict[str, Any], records: list[RunRecord]) -> tuple[list[di
                     per_run_values[column].append(float(value))
             for (task, metric), value in run.metrics.items():
                 per_run_values[f"{task}/{metric}"].append(value)
-            for metric in metric_names:
-                values = [run.metrics[(task, m)] for task, m in tasks_metrics if m == metric and (task, m) in run.metrics]
-                if values and len(values) == sum(1 for _, m in tasks_metrics if m == metric):
+            for metric in averaged:
+                values = [run.metrics[(task, metric)] for task in tasks_per_metric[metric]
+                          if (task, metric) in run.metrics]
+                if len(values) == len(tasks_per_metric[metric]):
                     per_run_values[f"avg/{metric}"].append(statistics.fmean(values))
         for column in value_columns:
             row[column], row[f"{column}_std"] = _mean_std(per_run_values[column])
         rows.append(row)
 
     baseline = next((row for row in rows if row["point"] == suite.get("baseline")), rows[0] if rows else None)
-    delta_columns = ["val_loss"] + [f"avg/{metric}" for metric in metric_names]
+    delta_columns = ["val_loss"] + [
+        f"avg/{metric}" if metric in averaged else f"{tasks_per_metric[metric][0]}/{metric}" for metric in metric_names
+    ]
     for row in rows:
         for column in delta_columns:
             base = baseline.get(column) if baseline else None
@@ -243,7 +249,7 @@ def markdown_report(suite: dict[str, Any], rows: list[dict[str, Any]], columns: 
         lines += ["## Evaluation", "", markdown_table(rows, task_columns, suite.get("baseline", ""))]
     lines.append("val_loss: mean next-token cross-entropy (nats) on the validation windows at the end of training; "
                  "val_ppl = exp(val_loss). Parameters count the embedding once (tied). "
-                 "avg/<metric> is the unweighted mean over tasks.")
+                 "avg/<metric> is the unweighted mean over the tasks that report the metric, when there are several.")
     stderrs = [value for record in records for value in record.stderr.values() if not math.isnan(value)]
     if stderrs:
         lines.append(f"Standard errors of the single-task accuracies (lm-eval, one run): {min(stderrs):.4f} to "
