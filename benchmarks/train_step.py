@@ -9,6 +9,8 @@ memory.
 The presets run in turn for ``--rounds`` rounds, and each preset's best round is reported: a change in machine
 load during one round then affects every preset alike instead of one of them.
 
+- Train FLOP/token: ``training_flops_per_token`` (6 x the matmul parameters a token uses, plus attention). AoE
+  adds its selection overhead, the ``W_down`` rows of the experts it does not select.
 - MFU = ``training_flops_per_token * tokens/s / peak``, with the peak measured in the same run as the
   FLOP/s of a square matmul (fp32 on CPU, bf16 on CUDA), not taken from a datasheet.
 - Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the child's peak resident set size
@@ -87,7 +89,8 @@ def measure(path: Path, steps: int, warmup: int, device: str, threads: int | Non
 
     tokens_per_s = steps * batch_size * seq_len / seconds
     peak = measure_matmul_peak(dev, dtype)
-    flops = training_flops_per_token(config, seq_len) * tokens_per_s
+    flops_per_token = training_flops_per_token(config, seq_len)
+    flops = flops_per_token * tokens_per_s
     if dev.type == "cuda":
         memory_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -97,6 +100,7 @@ def measure(path: Path, steps: int, warmup: int, device: str, threads: int | Non
         "preset": path.stem,
         "kind": config.ffn.kind,
         "active": counts.non_embedding_active,
+        "flops_per_token": flops_per_token,
         "tokens_per_s": tokens_per_s,
         "mfu": flops / peak,
         "peak_tflops": peak / 1e12,
@@ -132,14 +136,18 @@ def main() -> None:
     rows = [best[path] for path in args.configs]
 
     base = rows[0]["tokens_per_s"]
+    base_flops = rows[0]["flops_per_token"]
     print(f"device: {args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"threads {args.threads or torch.get_num_threads()}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"best of {args.rounds} rounds")
     print(f"measured matmul peak: {rows[0]['peak_tflops'] * 1e3:.1f} GFLOP/s\n")
-    print(f"| preset | ffn | active non-embedding params | tokens/s | vs {rows[0]['preset']} | MFU | peak memory (MiB) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    first = rows[0]["preset"]
+    print(f"| preset | ffn | active non-embedding params | train FLOP/token | vs {first} | tokens/s | vs {first} "
+          "| MFU | peak memory (MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['preset']} | {row['kind']} | {row['active']:,} | {row['tokens_per_s']:,.0f} | "
+        print(f"| {row['preset']} | {row['kind']} | {row['active']:,} | {row['flops_per_token'] / 1e6:.2f}M | "
+              f"{row['flops_per_token'] / base_flops:.3f} | {row['tokens_per_s']:,.0f} | "
               f"{row['tokens_per_s'] / base:.2f} | {row['mfu']:.1%} | {row['memory_mib']:,.0f} |")
 
 

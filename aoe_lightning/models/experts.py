@@ -85,7 +85,7 @@ class GroupedExperts(nn.Module):
     def swiglu(self, x_AD: Tensor, counts: list[int], low_rank_AL: Tensor | None = None) -> Tensor:
         """Compute each expert's SwiGLU on its contiguous slice of ``x_AD`` (``counts[e]`` rows for expert e).
 
-        ``low_rank_AL`` holds the cached rows ``x W_down`` of a factorized gate; without it they are computed
+        ``low_rank_AL`` contains the cached rows ``x W_down`` of a factorized gate. Without it they are computed
         here. Under autocast the matmuls run in the autocast dtype, as ``torch.matmul`` would.
         """
         device_type = x_AD.device.type
