@@ -265,8 +265,8 @@ class SuiteRunner:
         else:
             command += ["--suite", str(plan.suite)]
         if plan.mode == EVAL_OFFLINE:
-            # A local folder rarely holds every task of a suite (the paper suite's SIQA, WinoGrande and GLUE
-            # tasks have no offline reader): score what is there, and the report shows which tasks ran.
+            # A local folder rarely holds every task of a suite, and the paper suite's SIQA, MNLI, QNLI and
+            # SST-2 have no offline reader. Score what is there; the report shows which tasks ran.
             command += ["--data_dir", str(plan.data_dir), "--skip_unavailable"]
         if plan.limit is not None:
             command += ["--limit", str(plan.limit)]
