@@ -91,7 +91,9 @@ def build_suite(tmp_path, seeds=None, fail=()):
     if seeds:
         spec["seeds"] = seeds
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    (tmp_path / "evaldata").mkdir(exist_ok=True)
+    (tmp_path / "evaldata" / "piqa").mkdir(parents=True, exist_ok=True)
+    for name in ("valid.jsonl", "valid-labels.lst"):
+        (tmp_path / "evaldata" / "piqa" / name).write_text("")
     code = ablate_main([str(tmp_path / "sweep.yaml"), "--output-dir", str(tmp_path / "suite"), "--no-report",
                         "--eval-data-dir", str(tmp_path / "evaldata")], executor=ScalarExecutor(fail))
     return tmp_path / "suite", code
@@ -151,7 +153,7 @@ def test_report_marks_failed_and_missing(tmp_path):
     assert rows[1]["val_loss"] == ""
     assert rows[1]["delta/val_loss"] == ""
     markdown = (suite_dir / "results.md").read_text()
-    failed_line = next(line for line in markdown.splitlines() if line.startswith("| aoe-dlow8 | failed"))
+    failed_line = next(line for line in markdown.splitlines() if line.startswith("| aoe-dlow8 | failed (fit)"))
     assert "failed" in failed_line.split("|")[4]
     assert str(suite_dir / "aoe-dlow8" / "logs" / "fit.log") in markdown
 

@@ -36,6 +36,14 @@ BASE = {
 }
 
 
+def make_eval_data(folder):
+    """Create a local eval folder in which the PIQA task finds its files (the FakeExecutor never reads them)."""
+    (folder / "piqa").mkdir(parents=True)
+    (folder / "piqa" / "valid.jsonl").write_text("")
+    (folder / "piqa" / "valid-labels.lst").write_text("")
+    return folder
+
+
 def option(command, name):
     return command[command.index(name) + 1]
 
@@ -199,7 +207,8 @@ def test_only_eval_runs_offline(tmp_path, monkeypatch):
             environments[command[command.index("aoe_lightning.cli") + 1]] = env
             return super().__call__(command, log_path, env)
 
-    assert run_suite(spec, tmp_path / "suite", Recording(), "--eval-data-dir", str(tmp_path)) == 0
+    data = make_eval_data(tmp_path / "evaldata")
+    assert run_suite(spec, tmp_path / "suite", Recording(), "--eval-data-dir", str(data)) == 0
     assert "HF_DATASETS_OFFLINE" not in environments["fit"]
     assert "HF_HUB_OFFLINE" not in environments["export"]
     assert environments["eval"]["HF_DATASETS_OFFLINE"] == "1"
@@ -214,8 +223,7 @@ def test_only_selects_points(tmp_path):
 
 
 def test_eval_command_and_changed_eval_reruns_only_eval(tmp_path):
-    data = tmp_path / "evaldata"
-    data.mkdir()
+    data = make_eval_data(tmp_path / "evaldata")
     spec_values = dict(TWO_POINTS, eval={"suite": str(REPO / "evals" / "core.yaml"), "limit": 5})
     spec = make_spec(tmp_path, spec_values)
     executor = FakeExecutor()
@@ -236,9 +244,13 @@ def test_eval_command_and_changed_eval_reruns_only_eval(tmp_path):
 def test_plan_eval_modes(tmp_path):
     spec = make_spec(tmp_path, dict(TWO_POINTS, eval={"suite": str(REPO / "evals" / "core.yaml")}))
     sweep = load_sweep(spec)
-    assert plan_eval(sweep, str(tmp_path), False, {}).mode == EVAL_OFFLINE
-    from_env = plan_eval(sweep, None, False, {"AOE_EVAL_DATA": str(tmp_path)})
-    assert (from_env.mode, from_env.data_dir) == (EVAL_OFFLINE, str(tmp_path.resolve()))
+    data = make_eval_data(tmp_path / "evaldata")
+    offline = plan_eval(sweep, str(data), False, {})
+    assert offline.mode == EVAL_OFFLINE
+    assert "tasks: piqa_local" in offline.reason
+    assert "skipped, no local data: arc_easy, arc_challenge, hellaswag" in offline.reason
+    from_env = plan_eval(sweep, None, False, {"AOE_EVAL_DATA": str(data)})
+    assert (from_env.mode, from_env.data_dir) == (EVAL_OFFLINE, str(data.resolve()))
     assert plan_eval(sweep, None, True, {}).mode == EVAL_ONLINE
     assert plan_eval(sweep, None, False, {}).mode == EVAL_HELDOUT
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -285,7 +297,7 @@ def test_slurm_script_text(tmp_path):
                                 "eval": {"suite": str(REPO / "evals" / "core.yaml"), "limit": 10}}, base=base)
     script_path = tmp_path / "sweep.sbatch"
     assert main([str(spec), "--output-dir", str(tmp_path / "suite"), "--emit-slurm", str(script_path),
-                 "--eval-data-dir", str(tmp_path)]) == 0
+                 "--eval-data-dir", str(make_eval_data(tmp_path / "evaldata"))]) == 0
     script = script_path.read_text()
     assert "#SBATCH --array=0-2" in script
     assert "#SBATCH --nodes=4" in script
@@ -295,7 +307,7 @@ def test_slurm_script_text(tmp_path):
     assert 'srun "$PYTHON" -m aoe_lightning.cli fit --config "$RUN/point.yaml"' in script
     assert 'START=(--ckpt_path last); else START=(--overwrite true)' in script
     assert "--limit 10" in script
-    assert f"--data_dir {tmp_path.resolve()}" in script
+    assert f"--data_dir {(tmp_path / 'evaldata').resolve()}" in script
     for name, k in (("k1", 1), ("k2", 2), ("k4", 4)):
         config = yaml.safe_load((tmp_path / "suite" / name / "point.yaml").read_text())
         assert config["model"]["ffn"]["top_k"] == k
@@ -365,3 +377,32 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
         assert "bits_per_byte,none" in results["results"]["text_perplexity"]
     assert (suite / "results.md").is_file()
     assert (suite / "val_loss_curves.png").is_file()
+
+
+def test_eval_folder_without_task_files_fails_early(tmp_path, capsys):
+    spec = make_spec(tmp_path, dict(TWO_POINTS, eval={"suite": str(REPO / "evals" / "core.yaml")}))
+    (tmp_path / "wrong").mkdir()
+    executor = FakeExecutor()
+
+    assert run_suite(spec, tmp_path / "suite", executor, "--eval-data-dir", str(tmp_path / "wrong")) == 2
+
+    assert executor.calls == []
+    error = capsys.readouterr().err
+    assert "has no file of any task in core.yaml" in error
+    assert "pass the folder that contains them" in error
+
+
+def test_failed_eval_keeps_previous_results(tmp_path):
+    data = make_eval_data(tmp_path / "evaldata")
+    spec_values = dict(TWO_POINTS, eval={"suite": str(REPO / "evals" / "core.yaml"), "limit": 5})
+    spec = make_spec(tmp_path, spec_values)
+    assert run_suite(spec, tmp_path / "suite", FakeExecutor(), "--eval-data-dir", str(data)) == 0
+    results = tmp_path / "suite" / "moe" / "eval" / "results.json"
+    before = results.read_text()
+
+    make_spec(tmp_path, dict(spec_values, eval={"suite": str(REPO / "evals" / "core.yaml"), "limit": 7}))
+    assert run_suite(spec, tmp_path / "suite", FakeExecutor(fail={("eval", "moe")}),
+                     "--eval-data-dir", str(data)) == 1
+
+    assert results.read_text() == before
+    assert not (tmp_path / "suite" / "moe" / "eval.previous").exists()

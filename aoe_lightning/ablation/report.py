@@ -41,6 +41,7 @@ class RunRecord:
     fields: dict[str, Any]
     status: str                                        # done | failed | running | missing
     log: str | None = None
+    failed_step: str | None = None                     # fit | export | eval, when status is failed
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: dict[tuple[str, str], float] = field(default_factory=dict)   # (task, metric) -> value
     stderr: dict[tuple[str, str], float] = field(default_factory=dict)    # (task, metric) -> lm-eval's stderr
@@ -71,7 +72,7 @@ def read_suite(suite_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:
         if state:
             failed = state.get("failed_step")
             if failed:
-                record.status, record.log = "failed", state.get("log")
+                record.status, record.log, record.failed_step = "failed", state.get("log"), failed
             elif state.get("fit") == "done" and state.get("export") == "done" and state.get("eval") in ("done", "skipped"):
                 record.status = "done"
             else:
@@ -131,6 +132,7 @@ def build_rows(suite: dict[str, Any], records: list[RunRecord]) -> tuple[list[di
             "differs": ", ".join(f"{k}={v}" for k, v in runs[0].fields.items() if k != "seed_everything"),
             "seeds": len([run for run in runs if run.status == "done"]),
             "status": _group_status(runs),
+            "failed_steps": sorted({run.failed_step for run in runs if run.failed_step}),
             "logs": "; ".join(run.log for run in runs if run.log),
         }
         per_run_values: dict[str, list[float]] = {column: [] for column in value_columns}
@@ -154,6 +156,8 @@ def build_rows(suite: dict[str, Any], records: list[RunRecord]) -> tuple[list[di
     delta_columns = ["val_loss"] + [
         f"avg/{metric}" if metric in averaged else f"{tasks_per_metric[metric][0]}/{metric}" for metric in metric_names
     ]
+    # The Δ columns follow the order of the columns they compare.
+    delta_columns.sort(key=value_columns.index)
     for row in rows:
         for column in delta_columns:
             base = baseline.get(column) if baseline else None
@@ -214,6 +218,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str], baseline: str
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(columns)]
     for row in rows:
         status = row["status"] if row["status"] != "done" else "ok"
+        if row.get("failed_steps"):
+            status += f" ({', '.join(row['failed_steps'])})"
         cells = [row["point"], status, str(row["seeds"])]
         for column in columns:
             if row["status"] == "failed" and row.get(column) is None:

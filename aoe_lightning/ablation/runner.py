@@ -107,8 +107,9 @@ def plan_eval(sweep: Sweep, eval_data_dir: str | None, online: bool, environ: di
         if not path.is_dir():
             raise FileNotFoundError(f"eval data folder {str(path)!r} does not exist; pass an existing folder as "
                                     f"--eval-data-dir or in ${settings.data_dir_env}")
+        tasks = _local_suite_tasks(settings.suite, path)
         return EvalPlan(EVAL_OFFLINE, settings.suite, str(path),
-                        reason=f"suite {Path(settings.suite).name} on local data in {path}", **common)
+                        reason=f"suite {Path(settings.suite).name} on local data in {path} ({tasks})", **common)
     if online and settings.suite:
         return EvalPlan(EVAL_ONLINE, settings.suite, None,
                         reason=f"suite {Path(settings.suite).name} with lm-eval's hub datasets (--eval-online)",
@@ -117,6 +118,34 @@ def plan_eval(sweep: Sweep, eval_data_dir: str | None, online: bool, environ: di
         f"no local eval data (--eval-data-dir, eval.data_dir or ${settings.data_dir_env}) and no --eval-online")
     return EvalPlan(EVAL_HELDOUT, None, None,
                     reason=f"perplexity on the held-out validation text of the training corpus; {missing}", **common)
+
+
+def _local_suite_tasks(suite_path: str, data_dir: Path) -> str:
+    """Describe which suite tasks have files in ``data_dir``; raise FileNotFoundError when none has.
+
+    Checked before any training, so that a wrong folder fails in seconds instead of after every fit.
+    """
+    from aoe_lightning.evaluation.suites import load_suite, resolve_suite
+    from aoe_lightning.evaluation.tasks import LOCAL_TASKS
+
+    suite = load_suite(suite_path)
+    # The skipped tasks are listed in the returned description, so the per-task warnings would only repeat it.
+    suites_logger = logging.getLogger("aoe_lightning.evaluation.suites")
+    level = suites_logger.level
+    suites_logger.setLevel(logging.ERROR)
+    try:
+        resolved = resolve_suite(suite, data_dir, skip_unavailable=True)
+    finally:
+        suites_logger.setLevel(level)
+    if not resolved.specs:
+        expected = sorted({f for entry in suite.entries for name in entry.local for f in LOCAL_TASKS[name].eval_files})
+        raise FileNotFoundError(
+            f"eval data folder {str(data_dir)!r} has no file of any task in {Path(suite_path).name} "
+            f"(expected for example {', '.join(expected[:3])}); pass the folder that contains them"
+        )
+    names = [spec["task"] for spec in resolved.specs]
+    skipped = f"; skipped, no local data: {', '.join(resolved.skipped)}" if resolved.skipped else ""
+    return f"tasks: {', '.join(names)}{skipped}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,9 +368,18 @@ class SuiteRunner:
                 heldout = self.heldout_text(point) if self.plan.mode == EVAL_HELDOUT else None
                 if heldout is None and self.plan.mode == EVAL_HELDOUT:
                     return fail("eval")
-                shutil.rmtree(run_dir / "eval", ignore_errors=True)
-                if self.executor(self.eval_command(point, run_dir, heldout), logs / "eval.log", self.environment("eval")) != 0:
+                # Keep the previous results until the new evaluation has succeeded.
+                previous = run_dir / "eval.previous"
+                shutil.rmtree(previous, ignore_errors=True)
+                if (run_dir / "eval").exists():
+                    (run_dir / "eval").rename(previous)
+                command = self.eval_command(point, run_dir, heldout)
+                if self.executor(command, logs / "eval.log", self.environment("eval")) != 0:
+                    if previous.exists():
+                        shutil.rmtree(run_dir / "eval", ignore_errors=True)
+                        previous.rename(run_dir / "eval")
                     return fail("eval")
+                shutil.rmtree(previous, ignore_errors=True)
                 state.eval = "done"
                 steps_done.append("eval")
             state.write(run_dir / "point.json")
@@ -470,13 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
                "their last checkpoint, and points whose config changed are trained again from scratch.",
     )
     parser.add_argument("spec", help="sweep spec YAML, e.g. ablations/smoke.yaml")
-    parser.add_argument("--output-dir", default=None, help="suite directory (default: runs/<spec stem>)")
+    # Underscore spellings are accepted too, because `aoe fit` and `aoe eval` spell their options that way.
+    parser.add_argument("--output-dir", "--output_dir", default=None, help="suite directory (default: runs/<spec stem>)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved points and exit")
     parser.add_argument("--emit-slurm", metavar="FILE", default=None,
                         help="write a SLURM array script with one task per point instead of running locally")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
                         help="run only these points (run names or point names without the seed suffix)")
-    parser.add_argument("--eval-data-dir", default=None,
+    parser.add_argument("--eval-data-dir", "--eval_data_dir", default=None,
                         help="local eval data folder for the spec's suite (default: eval.data_dir or $AOE_EVAL_DATA)")
     parser.add_argument("--eval-online", action="store_true",
                         help="without local eval data, score the suite's lm-eval tasks from the Hugging Face hub")

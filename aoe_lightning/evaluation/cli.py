@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         tasks, task_manager = load_tasks(resolved, extra)
     except (FileNotFoundError, KeyError, ValueError) as err:
         return _fail(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
+    except OSError as err:
+        # Built-in tasks download their datasets; without network access that fails here.
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return _fail(f"could not load the tasks' datasets from the Hugging Face hub ({first_line}); pass --data_dir "
+                     "with local copies (see docs/evaluation.md) or check the network connection")
 
     import lm_eval
 
