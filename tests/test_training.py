@@ -235,3 +235,17 @@ def test_print_config_lists_ffn_switches(capsys):
     printed = capsys.readouterr().out
     for line in ("kind: aoe", "d_low: 32", "selection: top_k", "gate_norm: softmax_selected", "score_norm: l2"):
         assert line in printed
+
+
+def test_throughput_state_survives_checkpoint() -> None:
+    from aoe_lightning.training.callbacks import ThroughputMonitor
+
+    monitor = ThroughputMonitor()
+    monitor.tokens_seen = 4096
+    monitor._run_tokens, monitor._run_seconds = 4000, 2.0
+    restored = ThroughputMonitor()
+
+    restored.load_state_dict(monitor.state_dict())
+
+    assert restored.tokens_seen == 4096
+    assert restored.mean_tokens_per_s == 2000.0

@@ -94,10 +94,14 @@ class ThroughputMonitor(L.Callback):
         return self._run_tokens / self._run_seconds if self._run_seconds > 0 else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens_seen": self.tokens_seen}
+        # The timed tokens and seconds travel with the checkpoint, so that the mean throughput of a resumed run
+        # covers every segment of it, not only the last.
+        return {"tokens_seen": self.tokens_seen, "timed_tokens": self._run_tokens, "timed_seconds": self._run_seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_seen = int(state_dict["tokens_seen"])
+        self._run_tokens = int(state_dict.get("timed_tokens", 0))
+        self._run_seconds = float(state_dict.get("timed_seconds", 0.0))
 
 
 def batch_seq_len(batch: Any) -> int:
