@@ -27,7 +27,7 @@ FLOP counts from the shapes, forward only (the backward pass costs twice the for
 The ideal AoE/MoE throughput ratio is ``MoE FLOPs / AoE FLOPs``: what AoE reaches if the run time is
 proportional to matmul FLOPs. The ``measured / ideal`` column says how close the implementation comes.
 
-Example: ``python benchmarks/moe_layer.py --tokens 4096 --repeats 3``
+Example: ``python benchmarks/moe_layer.py --tokens 4096 --repeats 5``
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def format_summary(results: list[Result]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (one sequence of this length)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per layer; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per layer; the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per layer before timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
