@@ -129,6 +129,17 @@ def test_bad_spec_lists_every_problem(tmp_path):
     assert len(info.value.problems) == 5
 
 
+def test_misspelt_key_gets_suggestion(tmp_path):
+    path = write_spec(tmp_path, {"points": [{"name": "a", "set": {"trainer.max_step": 10}},
+                                            {"name": "b", "set": {"model.ffn.zzz": 1}}]})
+    with pytest.raises(SpecError) as info:
+        load_sweep(path)
+    first, second = info.value.problems
+    assert "did you mean 'trainer.max_steps'?" in first
+    assert "did you mean" not in second
+    assert "(valid: " in second
+
+
 def test_unknown_placeholder_is_named(tmp_path):
     path = write_spec(tmp_path, {"points": [{"name": "moe-{d_low}", "grid": {"model.ffn.top_k": [1, 2]}}]})
     with pytest.raises(SpecError, match=r"\{d_low\}"):

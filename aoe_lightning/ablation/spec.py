@@ -41,6 +41,7 @@ without it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import inspect
 import itertools
@@ -467,6 +468,11 @@ def key_problems(key: Any, base: dict[str, Any]) -> list[str]:
         return [f"key {key!r} does not exist in the base config and {parent!r} is not a config section "
                 f"with known fields ({', '.join(s or '<top level>' for s in _SECTIONS)})"]
     if leaf not in known:
+        close = difflib.get_close_matches(leaf, known, n=1)
+        if close:
+            suggestion = f"{parent}.{close[0]}" if parent else close[0]
+            return [f"key {key!r} does not exist in the base config and {leaf!r} is not a field of "
+                    f"{parent or 'the top level'}; did you mean {suggestion!r}?"]
         return [f"key {key!r} does not exist in the base config and {leaf!r} is not a field of "
                 f"{parent or 'the top level'} (valid: {', '.join(sorted(known))})"]
     return []
