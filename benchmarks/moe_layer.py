@@ -25,7 +25,7 @@ FLOP counts from the shapes, forward only (the backward pass costs twice the for
 - AoE: every expert's ``W_down`` ``2 T N D L``, plus the selected experts' ``W_up``, ``W_p`` and ``W_o``,
   ``2 T K (L W + 2 D W)``.
 The ideal AoE/MoE throughput ratio is ``MoE FLOPs / AoE FLOPs``: what AoE reaches if the run time is
-proportional to matmul FLOPs. The ``measured / ideal`` column says how close the implementation comes.
+proportional to matmul FLOPs. The ``measured / ideal`` column shows how close the implementation comes.
 
 Example: ``python benchmarks/moe_layer.py --tokens 4096 --repeats 5``
 """

@@ -48,7 +48,10 @@ class MergeTokenizer:
         inverse = {v: k for k, v in self.merges.items()}
         out = bytearray()
         for i in ids:
-            out += inverse[i].encode() if i in inverse else bytes([i]) if i < 256 else b""
+            if i in inverse:
+                out += inverse[i].encode()
+            elif i < 256:
+                out += bytes([i])
         return out.decode("utf-8", "replace")
 
 

@@ -113,5 +113,6 @@ def test_module_entry_point_runs_lm_eval(export_path, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "piqa_local" in done.stdout and "winogrande_local" in done.stdout
+    assert "piqa_local" in done.stdout
+    assert "winogrande_local" in done.stdout
     assert list(tmp_path.rglob("results_*.json"))

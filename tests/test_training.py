@@ -133,7 +133,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, shakespeare_data):
     run_fit(fit_args(run_dir, shakespeare_data, steps=2, kind="dense"))
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
 
-    with pytest.raises(RunDirectoryError, match="already holds a run"):
+    with pytest.raises(RunDirectoryError, match="already contains a run"):
         run_fit(fit_args(run_dir, shakespeare_data, steps=2, kind="dense"))
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
 

@@ -8,7 +8,8 @@ Writes into the suite directory:
     val_loss_curves.png, val_loss_vs_d_low.png, val_loss_vs_top_k.png (when those fields vary),
     expert_load.png, routing_entropy.png
 
-Missing values are written as "n/a"; points whose run failed are marked "failed".
+Missing values are written as "n/a" in results.md and left empty in results.csv. A point whose run failed is
+marked "failed", with the failed step in results.md ("failed (eval)").
 """
 
 from __future__ import annotations

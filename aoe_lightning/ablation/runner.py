@@ -304,8 +304,8 @@ class SuiteRunner:
     def environment(self, step: str) -> dict[str, str]:
         """Return the environment of one step's subprocess.
 
-        Training keeps hub access (a config may stream a Hugging Face dataset or tokenizer); evaluation is kept
-        off the hub unless ``--eval-online`` asked for it, so that it never falls back to downloading a task.
+        Training keeps hub access, because a config may stream a Hugging Face dataset or tokenizer. Evaluation
+        runs offline unless ``--eval-online`` requested the hub, so that it never falls back to downloading a task.
         """
         env = dict(os.environ)
         if step == "eval" and self.plan.mode != EVAL_ONLINE:

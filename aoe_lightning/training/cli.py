@@ -8,7 +8,7 @@ Run directory layout (``--run_dir``, default ``runs/<config file stem>``)::
     expert_load.json       per-layer x per-expert load of the last validation (MoE / AoE)
     summary.json           final metrics, throughput and parameter counts, written when fitting ends
 
-A directory that already holds a run is never reused unless ``--ckpt_path last`` resumes it or
+A directory that already contains a run is never reused unless ``--ckpt_path last`` resumes it or
 ``--overwrite true`` replaces it.
 """
 
@@ -39,7 +39,7 @@ RUN_FOLDERS = ("checkpoints",)
 
 
 class RunDirectoryError(RuntimeError):
-    """The run directory holds an earlier run that the command would overwrite."""
+    """The run directory contains an earlier run that the command would overwrite."""
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -135,7 +135,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise RunDirectoryError(
-            f"run directory {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
+            f"run directory {str(run_dir)!r} already contains a run ({', '.join(existing)}); "
             "resume it with --ckpt_path last, choose another --run_dir, or pass --overwrite true"
         )
     for name in existing:
@@ -170,7 +170,7 @@ def run_fit(argv: list[str] | None = None, trainer_defaults: dict[str, Any] | No
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # The `aoe` dispatcher passes the arguments after "fit" explicitly while sys.argv still holds them;
+    # The `aoe` dispatcher passes the arguments after "fit" explicitly while sys.argv still contains them;
     # Lightning warns about that combination, but it is intended here.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
