@@ -129,14 +129,7 @@ def _local_suite_tasks(suite_path: str, data_dir: Path) -> str:
     from aoe_lightning.evaluation.tasks import LOCAL_TASKS
 
     suite = load_suite(suite_path)
-    # The skipped tasks are listed in the returned description, so the per-task warnings would only repeat it.
-    suites_logger = logging.getLogger("aoe_lightning.evaluation.suites")
-    level = suites_logger.level
-    suites_logger.setLevel(logging.ERROR)
-    try:
-        resolved = resolve_suite(suite, data_dir, skip_unavailable=True)
-    finally:
-        suites_logger.setLevel(level)
+    resolved = resolve_suite(suite, data_dir, skip_unavailable=True)
     if not resolved.specs:
         expected = sorted({f for entry in suite.entries for name in entry.local for f in LOCAL_TASKS[name].eval_files})
         raise FileNotFoundError(

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             suite = None
         resolved = resolve_suite(suite, data_dir, args.skip_unavailable) if suite else ResolvedSuite()
+        for task, reason in resolved.skip_reasons.items():
+            logger.warning("skipping %s (%s)", task, reason)
         extra = [build_perplexity_task(args.text_file)] if args.text_file else []
         if not resolved.specs and not extra:
             return _fail("no task left to evaluate (every suite task was skipped)")

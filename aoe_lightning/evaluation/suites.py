@@ -15,7 +15,6 @@ the built-in ``task``.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ import yaml
 
 from aoe_lightning.evaluation.tasks import LOCAL_TASKS, build_local_task, local_task_available
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +50,7 @@ class ResolvedSuite:
     specs: list[str | dict] = field(default_factory=list)
     num_fewshot: dict[str, int] = field(default_factory=dict)   # task name -> few-shot count
     skipped: list[str] = field(default_factory=list)           # entries with no local data
+    skip_reasons: dict[str, str] = field(default_factory=dict)  # skipped entry -> why it has no local data
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -98,8 +97,8 @@ def resolve_suite(suite: Suite, data_dir: Path | None, skip_unavailable: bool = 
     """Turn suite entries into task specs.
 
     With ``data_dir`` each entry becomes the inline config of its first local task whose files exist.
-    An entry with none raises FileNotFoundError (naming the files), or is skipped with a warning when
-    ``skip_unavailable`` is set. Without ``data_dir`` every entry is its built-in lm-eval task.
+    An entry with none raises FileNotFoundError (naming the files), or is listed in ``skipped`` (with its
+    reason in ``skip_reasons``) when ``skip_unavailable`` is set. Without ``data_dir`` every entry is its built-in lm-eval task.
     """
     resolved = ResolvedSuite()
     for entry in suite.entries:
@@ -115,8 +114,8 @@ def resolve_suite(suite: Suite, data_dir: Path | None, skip_unavailable: bool = 
             else:
                 reason = f"{entry.task} has no offline equivalent"
             if skip_unavailable:
-                logger.warning("skipping %s (%s)", entry.task, reason)
                 resolved.skipped.append(entry.task)
+                resolved.skip_reasons[entry.task] = reason
                 continue
             raise FileNotFoundError(f"{reason}; add the files, drop the task, or pass --skip_unavailable")
         config = build_local_task(available[0], data_dir, num_fewshot=entry.num_fewshot)
