@@ -24,7 +24,6 @@ import yaml
 from aoe_lightning.evaluation.tasks import LOCAL_TASKS, build_local_task, local_task_available
 
 
-
 @dataclass(frozen=True)
 class SuiteEntry:
     """One task of a suite."""
