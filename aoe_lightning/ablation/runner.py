@@ -502,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("spec", help="sweep spec YAML, e.g. ablations/smoke.yaml")
     # Underscore spellings are accepted too, because `aoe fit` and `aoe eval` spell their options that way.
-    parser.add_argument("--output-dir", "--output_dir", default=None, help="suite directory (default: runs/<spec stem>)")
+    parser.add_argument("--output-dir", "--output_dir", default=None,
+                        help="suite directory (default: runs/<spec stem>)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved points and exit")
     parser.add_argument("--emit-slurm", metavar="FILE", default=None,
                         help="write a SLURM array script with one task per point instead of running locally")
