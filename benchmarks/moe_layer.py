@@ -5,11 +5,14 @@ MoE, AoE at each ``--d-lows`` value, and MoE vs AoE again at each ``--many-exper
 the same random tokens, with an upstream gradient on its output and a 0.01-weighted load-balancing loss, as
 in training.
 
-Timing: ``--warmup`` untimed steps, then the median of ``--repeats`` timed steps, one step being the
-forward and backward pass of one layer on ``--tokens`` tokens (CUDA steps are synchronised before the
-clock is read). Gradients are reset to None between steps, so each step allocates them afresh. Layers that
-are compared with each other (dense, MoE and AoE at ``--experts``; MoE and AoE at each ``--many-experts``)
-are built together and timed in turn within each repeat, so that a change in machine load affects them alike.
+Timing: one step is the forward and backward pass of one layer on ``--tokens`` tokens (CUDA steps are
+synchronised before the clock is read). Gradients are reset to None between steps, so each step allocates
+them afresh, as training does. Layers that are compared with each other (dense, MoE and AoE at
+``--experts``; MoE and AoE at each ``--many-experts``) are built together and timed in ``--rounds`` rounds;
+in each round every layer runs ``--warmup`` untimed steps and then ``--repeats`` timed steps back to back.
+The reported time is the median of a layer's timed steps over all rounds. Back-to-back steps of one layer
+are what training runs: each step finds the memory allocator as the previous step of the same layer left
+it, not as a layer of other shapes left it. The rounds spread a change in machine load over all layers alike.
 
 Peak memory: the bytes of the parameters and the input, plus the peak of the tensor bytes allocated during
 one extra step. On CUDA that peak is ``torch.cuda.max_memory_allocated`` minus the allocation before the
@@ -27,7 +30,7 @@ FLOP counts from the shapes, forward only (the backward pass costs twice the for
 The ideal AoE/MoE throughput ratio is ``MoE FLOPs / AoE FLOPs``: what AoE reaches if the run time is
 proportional to matmul FLOPs. The ``measured / ideal`` column shows how close the implementation comes.
 
-Example: ``python benchmarks/moe_layer.py --tokens 4096 --repeats 5``
+Example: ``python benchmarks/moe_layer.py --tokens 4096 --rounds 2 --repeats 3``
 """
 
 from __future__ import annotations
@@ -161,17 +164,17 @@ def measure_group(specs: list[LayerSpec], args: argparse.Namespace, device: torc
         layers.append(layer.to(device))
         widths.append(width)
 
-    for layer in layers:
-        for _ in range(args.warmup):
-            train_step(layer, x, grad_out, autocast_dtype)
     times: list[list[float]] = [[] for _ in layers]
-    for _ in range(args.repeats):
-        for index, layer in enumerate(layers):
-            synchronize(device)
-            start = time.perf_counter()
-            train_step(layer, x, grad_out, autocast_dtype)
-            synchronize(device)
-            times[index].append(time.perf_counter() - start)
+    for _ in range(args.rounds):
+        for layer, layer_times in zip(layers, times):
+            for _ in range(args.warmup):
+                train_step(layer, x, grad_out, autocast_dtype)
+            for _ in range(args.repeats):
+                synchronize(device)
+                start = time.perf_counter()
+                train_step(layer, x, grad_out, autocast_dtype)
+                synchronize(device)
+                layer_times.append(time.perf_counter() - start)
 
     results = []
     for spec, layer, width, layer_times in zip(specs, layers, widths, times):
@@ -270,8 +273,9 @@ def format_summary(results: list[Result]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (one sequence of this length)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per layer; the median is reported")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per layer before timing")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds in which each layer of a group runs in turn")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per layer and round; the median is reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per layer and round before its timed steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None,
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"d_model={args.d_model}, d_ffn={args.d_ffn}, top_k={args.top_k}, tokens={args.tokens}, "
         f"d_wide_multiple={args.d_wide_multiple}, dtype={dtype_name}, device={device}, threads={torch.get_num_threads()}, "
-        f"median of {args.repeats} steps after {args.warmup} warm-up"
+        f"median of {args.rounds} rounds x {args.repeats} steps, each round after {args.warmup} warm-up"
     )
     print()
     print(format_table(results, args))

@@ -213,6 +213,30 @@ def test_grouped_mm_matches_loop_and_expanded_grad() -> None:
     assert torch.count_nonzero(w.grad[2]).item() == 0
 
 
+def test_grouped_mm_odd_width_rows_aligned() -> None:
+    counts = [3, 1, 2]
+    x = torch.randn(6, 5, requires_grad=True)
+    w_in = torch.randn(3, 5, 7, requires_grad=True)
+    w_out = torch.randn(3, 7, 4, requires_grad=True)
+
+    hidden = grouped_mm(x, w_in, counts)
+    # Rows of width 7 sit in a buffer 16 fp32 values wide, so every row starts on a 64-byte boundary.
+    assert hidden.shape == (6, 7)
+    assert hidden.stride() == (16, 1)
+    assert all(hidden[row].data_ptr() % 64 == 0 for row in range(6))
+    out = grouped_mm(torch.tanh(hidden), w_out, counts)
+    upstream = torch.randn(6, 4)
+    grads = torch.autograd.grad(out, (x, w_in, w_out), upstream)
+
+    starts = [0, 3, 4]
+    expected = torch.cat([
+        torch.tanh(x[s:s + c] @ w_in[e]) @ w_out[e] for e, (s, c) in enumerate(zip(starts, counts))
+    ])
+    assert_close(out, expected)
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (x, w_in, w_out), upstream)):
+        assert_close(grad, expected_grad)
+
+
 def test_grouped_mm_rejects_mismatched_counts() -> None:
     with pytest.raises(ValueError, match="do not match 3 weights and 6 input rows"):
         grouped_mm(torch.randn(6, 5), torch.randn(3, 5, 7), [2, 2, 1])

@@ -120,7 +120,7 @@ class _GroupedMatmul(torch.autograd.Function):
     def forward(ctx, input_AK: Tensor, weight_NKM: Tensor, counts: list[int]) -> Tensor:
         ctx.save_for_backward(input_AK, weight_NKM)
         ctx.counts = counts
-        out_AM = input_AK.new_empty(input_AK.shape[0], weight_NKM.shape[2])
+        out_AM = _empty_aligned_rows(input_AK, input_AK.shape[0], weight_NKM.shape[2])
         for expert, (start, end) in enumerate(_bounds(counts)):
             torch.mm(input_AK[start:end], weight_NKM[expert], out=out_AM[start:end])
         return out_AM
@@ -128,10 +128,10 @@ class _GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_AM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         input_AK, weight_NKM = ctx.saved_tensors
-        grad_AM = grad_AM.contiguous()
+        grad_AM = _row_major(grad_AM)
         grad_input_AK = grad_weight_NKM = None
         if ctx.needs_input_grad[0]:
-            grad_input_AK = torch.empty_like(input_AK)
+            grad_input_AK = _empty_aligned_rows(input_AK, *input_AK.shape)
         if ctx.needs_input_grad[1]:
             grad_weight_NKM = torch.empty_like(weight_NKM)
         for expert, (start, end) in enumerate(_bounds(ctx.counts)):
@@ -141,6 +141,25 @@ class _GroupedMatmul(torch.autograd.Function):
                 # An expert without rows gets an exact zero gradient: a matmul over an empty inner dimension.
                 torch.mm(input_AK[start:end].t(), grad_AM[start:end], out=grad_weight_NKM[expert])
         return grad_input_AK, grad_weight_NKM, None
+
+
+def _empty_aligned_rows(like: Tensor, rows: int, cols: int) -> Tensor:
+    """Allocate an uninitialised (rows, cols) tensor whose rows start on 64-byte boundaries.
+
+    On a 2-vCPU EPYC, an fp32 matmul that writes rows of the Eq. 5 AoE width 4393 measured about 10% slower
+    than one that writes rows of 4416 values. Writing into a view of a slightly wider buffer recovers that
+    speed. The padding costs under 1.5% more memory at the Eq. 5 widths.
+    """
+    align = max(1, 64 // like.element_size())
+    padded = -(-cols // align) * align
+    return like.new_empty(rows, padded)[:, :cols]
+
+
+def _row_major(matrix: Tensor) -> Tensor:
+    """Return ``matrix`` if its rows are unit-stride and do not overlap (padded rows allowed), else a copy."""
+    if matrix.stride(-1) == 1 and matrix.stride(0) >= matrix.shape[1]:
+        return matrix
+    return matrix.contiguous()
 
 
 def _bounds(counts: list[int]) -> list[tuple[int, int]]:
@@ -159,4 +178,4 @@ def grouped_mm(input_AK: Tensor, weight_NKM: Tensor, counts: list[int]) -> Tenso
             f"weights and {input_AK.shape[0]} input rows"
         )
     with torch.autocast(input_AK.device.type, enabled=False):
-        return _GroupedMatmul.apply(input_AK.contiguous(), weight_NKM, counts)
+        return _GroupedMatmul.apply(_row_major(input_AK), weight_NKM, counts)
