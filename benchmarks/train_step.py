@@ -51,14 +51,14 @@ def measure(path: Path, steps: int, warmup: int, device: str, threads: int | Non
     from aoe_lightning.models import Transformer
     from aoe_lightning.models.params import count_parameters, training_flops_per_token
     from aoe_lightning.training.callbacks import measure_matmul_peak
-    from aoe_lightning.training.optim import parameter_groups
+    from aoe_lightning.training.optim import adamw, parameter_groups
 
     base_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     config, batch_size, seq_len = load_preset(path)
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = Transformer(config).to(dev)
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
+    optimizer = adamw(parameter_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
     coef = config.ffn.load_balance_coef
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from aoe_lightning.models import experts as experts_module
 from aoe_lightning.models.config import FFNConfig
 from aoe_lightning.models.experts import GroupedExperts, grouped_mm
 from aoe_lightning.models.moe import RouterMoE
@@ -194,6 +195,21 @@ def test_grouped_mm_gradcheck_with_empty_group() -> None:
     w = torch.randn(4, 4, 6, dtype=torch.float64, generator=generator, requires_grad=True)
 
     assert torch.autograd.gradcheck(lambda a, b: grouped_mm(a, b, counts), (x, w))
+
+
+@pytest.mark.parametrize("factorized", [False, True], ids=["swiglu", "factorized"])
+def test_grouped_swiglu_gradcheck(factorized: bool) -> None:
+    generator = torch.Generator().manual_seed(4)
+    counts = [3, 0, 4]
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    x, w_proj, w_out = tensor(7, 4), tensor(3, 4, 5), tensor(3, 5, 4)
+    gate_input, w_gate = (tensor(7, 2), tensor(3, 2, 5)) if factorized else (None, tensor(3, 4, 5))
+    inputs = (x, gate_input, w_gate, w_proj, w_out)
+
+    assert torch.autograd.gradcheck(lambda *args: experts_module._GroupedSwiGLU.apply(*args, counts), inputs)
 
 
 def test_grouped_mm_matches_loop_and_expanded_grad() -> None:

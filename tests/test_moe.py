@@ -118,9 +118,11 @@ def test_aoe_reuses_cached_low_rank_rows(monkeypatch: pytest.MonkeyPatch) -> Non
     experts = layer.experts
     low_rank_calls = 0
     caches = []
-    matmuls = []                      # (weight, input rows, group counts) of every grouped matmul
+    matmul_weights = []               # weight of every grouped matmul
+    swiglu_calls = []                 # (gate input rows, gate weight, group counts) of every expert SwiGLU
     original_low_rank_all = experts.low_rank_all
     original_grouped_mm = experts_module.grouped_mm
+    original_swiglu = experts_module._GroupedSwiGLU
 
     def counting_low_rank_all(x_TD):
         nonlocal low_rank_calls
@@ -129,11 +131,18 @@ def test_aoe_reuses_cached_low_rank_rows(monkeypatch: pytest.MonkeyPatch) -> Non
         return caches[-1]
 
     def recording_grouped_mm(input_AK, weight_NKM, counts):
-        matmuls.append((weight_NKM, input_AK, counts))
+        matmul_weights.append(weight_NKM)
         return original_grouped_mm(input_AK, weight_NKM, counts)
+
+    class RecordingSwiGLU:
+        @staticmethod
+        def apply(x_AD, gate_input_AK, w_gate, w_proj, w_out, counts):
+            swiglu_calls.append((gate_input_AK, w_gate, counts))
+            return original_swiglu.apply(x_AD, gate_input_AK, w_gate, w_proj, w_out, counts)
 
     monkeypatch.setattr(experts, "low_rank_all", counting_low_rank_all)
     monkeypatch.setattr(experts_module, "grouped_mm", recording_grouped_mm)
+    monkeypatch.setattr(experts_module, "_GroupedSwiGLU", RecordingSwiGLU)
     captured = capture_dispatch(layer)
     x = torch.randn(BATCH, SEQ, D_MODEL)
 
@@ -141,10 +150,10 @@ def test_aoe_reuses_cached_low_rank_rows(monkeypatch: pytest.MonkeyPatch) -> Non
 
     assert low_rank_calls == 1
     assert captured["low_rank"] is caches[0]
-    used = [weight for weight, _, _ in matmuls]
-    assert not any(weight is experts.w_down for weight in used), "the dispatch recomputed x W_down"
-    assert [weight is experts.w_up for weight in used].count(True) == 1
-    _, up_input, counts = next(call for call in matmuls if call[0] is experts.w_up)
+    assert not any(weight is experts.w_down for weight in matmul_weights), "the dispatch recomputed x W_down"
+    assert len(swiglu_calls) == 1
+    up_input, gate_weight, counts = swiglu_calls[0]
+    assert gate_weight is experts.w_up
     # The dispatch sorts stably by expert, so expert e's rows are its tokens in their original order.
     token_ids, expert_ids = captured["token_ids"], captured["expert_ids"]
     order = torch.argsort(expert_ids, stable=True)

@@ -15,7 +15,7 @@ from aoe_lightning.export import ExportError, load_export
 from aoe_lightning.training.cli import RunDirectoryError, run_fit
 from aoe_lightning.training.export_cli import export_checkpoint
 from aoe_lightning.training.export_cli import main as export_main
-from aoe_lightning.training.optim import OptimizerConfig, parameter_groups, warmup_cosine_factor
+from aoe_lightning.training.optim import OptimizerConfig, adamw, parameter_groups, warmup_cosine_factor
 
 FFN_ARGS = {
     "dense": ["--model.ffn.kind", "dense", "--model.ffn.d_ffn", "64"],
@@ -213,6 +213,26 @@ def test_no_weight_decay_on_norms():
     assert decayed["weight_decay"] == 0.1
     assert undecayed["weight_decay"] == 0.0
     assert OptimizerConfig(lr=1e-3, min_lr=1e-2).validation_errors() == ["optimizer.min_lr=0.01 must be in [0, lr=0.001]"]
+
+
+def test_fused_adamw_matches_reference():
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(6, 5, generator=generator)
+    grads = [torch.randn(6, 5, generator=generator) for _ in range(3)]
+    fused_param = torch.nn.Parameter(start.clone())
+    reference_param = torch.nn.Parameter(start.clone())
+    settings = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
+    fused = adamw([{"params": [fused_param], "weight_decay": 0.1}], **settings)
+    reference = torch.optim.AdamW([{"params": [reference_param], "weight_decay": 0.1}], foreach=False, **settings)
+
+    for grad in grads:
+        for param, optimizer in ((fused_param, fused), (reference_param, reference)):
+            param.grad = grad.clone()
+            optimizer.step()
+
+    assert fused.defaults["fused"] is True
+    torch.testing.assert_close(fused_param, reference_param)
+    torch.testing.assert_close(fused.state[fused_param]["exp_avg_sq"], reference.state[reference_param]["exp_avg_sq"])
 
 
 def test_bf16_and_activation_checkpointing(tmp_path, shakespeare_data):

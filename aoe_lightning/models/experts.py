@@ -101,11 +101,84 @@ class GroupedExperts(nn.Module):
         if self.factorized:
             if low_rank_AL is None:
                 low_rank_AL = matmul(x_AD, self.w_down)
-            gate_AH = matmul(low_rank_AL, self.w_up)
+            gate_input_AK, w_gate = low_rank_AL.to(dtype), self.w_up
         else:
-            gate_AH = matmul(x_AD, self.w_gate)
-        hidden_AH = F.silu(gate_AH) * matmul(x_AD, self.w_proj)
-        return matmul(hidden_AH, self.w_out)
+            gate_input_AK, w_gate = None, self.w_gate
+        with torch.autocast(device_type, enabled=False):
+            return _GroupedSwiGLU.apply(
+                _row_major(x_AD.to(dtype)),
+                None if gate_input_AK is None else _row_major(gate_input_AK),
+                w_gate.to(dtype),
+                self.w_proj.to(dtype),
+                self.w_out.to(dtype),
+                counts,
+            )
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Per-expert SwiGLU ``(SiLU(g W_g) * (x W_p)) W_o``, computed expert by expert on contiguous row slices.
+
+    ``g`` is the gate input: the rows ``x`` themselves, or the low-rank rows ``x W_down`` of a factorized gate
+    (then ``W_g`` is ``W_up``). Only the gate and projection activations are saved. The backward recomputes
+    ``SiLU(g W_g) * (x W_p)`` one expert at a time, so each elementwise product and its gradient fill an
+    expert-sized buffer that stays in cache rather than a buffer over all rows.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_AD: Tensor,
+        gate_input_AK: Tensor | None,
+        w_gate_NKH: Tensor,
+        w_proj_NDH: Tensor,
+        w_out_NHD: Tensor,
+        counts: list[int],
+    ) -> Tensor:
+        gate_in_AK = x_AD if gate_input_AK is None else gate_input_AK
+        num_rows, hidden = x_AD.shape[0], w_proj_NDH.shape[2]
+        gate_AH = _empty_aligned_rows(x_AD, num_rows, hidden)
+        proj_AH = _empty_aligned_rows(x_AD, num_rows, hidden)
+        out_AD = x_AD.new_empty(x_AD.shape)
+        for expert, (start, end) in enumerate(_bounds(counts)):
+            gate = torch.mm(gate_in_AK[start:end], w_gate_NKH[expert], out=gate_AH[start:end])
+            proj = torch.mm(x_AD[start:end], w_proj_NDH[expert], out=proj_AH[start:end])
+            torch.mm(F.silu(gate).mul_(proj), w_out_NHD[expert], out=out_AD[start:end])
+        ctx.save_for_backward(x_AD, gate_input_AK, w_gate_NKH, w_proj_NDH, w_out_NHD, gate_AH, proj_AH)
+        ctx.counts = counts
+        return out_AD
+
+    @staticmethod
+    def backward(ctx, grad_out_AD: Tensor):
+        x_AD, gate_input_AK, w_gate_NKH, w_proj_NDH, w_out_NHD, gate_AH, proj_AH = ctx.saved_tensors
+        gate_in_AK = x_AD if gate_input_AK is None else gate_input_AK
+        grad_out_AD = _row_major(grad_out_AD)
+        needs = ctx.needs_input_grad
+        grad_x_AD = torch.empty_like(x_AD) if needs[0] else None
+        grad_gate_input_AK = torch.empty_like(gate_input_AK) if needs[1] else None
+        grad_w_gate, grad_w_proj, grad_w_out = (
+            torch.empty_like(weight) if need else None
+            for weight, need in zip((w_gate_NKH, w_proj_NDH, w_out_NHD), needs[2:5])
+        )
+        for expert, (start, end) in enumerate(_bounds(ctx.counts)):
+            gate, proj, grad_out = gate_AH[start:end], proj_AH[start:end], grad_out_AD[start:end]
+            silu = F.silu(gate)
+            # An expert without rows gets exact zero weight gradients: matmuls over an empty inner dimension.
+            if grad_w_out is not None:
+                torch.mm((silu * proj).t(), grad_out, out=grad_w_out[expert])
+            grad_hidden = torch.mm(grad_out, w_out_NHD[expert].t())
+            grad_proj = silu.mul_(grad_hidden)
+            grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(proj), gate)
+            if grad_w_proj is not None:
+                torch.mm(x_AD[start:end].t(), grad_proj, out=grad_w_proj[expert])
+            if grad_w_gate is not None:
+                torch.mm(gate_in_AK[start:end].t(), grad_gate, out=grad_w_gate[expert])
+            if grad_x_AD is not None:
+                grad_x = torch.mm(grad_proj, w_proj_NDH[expert].t(), out=grad_x_AD[start:end])
+                if gate_input_AK is None:
+                    grad_x.addmm_(grad_gate, w_gate_NKH[expert].t())
+            if grad_gate_input_AK is not None:
+                torch.mm(grad_gate, w_gate_NKH[expert].t(), out=grad_gate_input_AK[start:end])
+        return grad_x_AD, grad_gate_input_AK, grad_w_gate, grad_w_proj, grad_w_out, None
 
 
 class _GroupedMatmul(torch.autograd.Function):
