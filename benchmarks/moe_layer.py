@@ -14,6 +14,10 @@ The reported time is the median of a layer's timed steps over all rounds. Back-t
 are what training runs: each step finds the memory allocator as the previous step of the same layer left
 it, not as a layer of other shapes left it. The rounds spread a change in machine load over all layers alike.
 
+Memory allocator: on CPU the script raises glibc's malloc thresholds as ``aoe fit`` does
+(``aoe_lightning.training.allocator``), so that steps reuse freed memory instead of faulting in fresh pages;
+``--default-malloc`` measures with glibc's defaults.
+
 Peak memory: the bytes of the parameters and the input, plus the peak of the tensor bytes allocated during
 one extra step. On CUDA that peak is ``torch.cuda.max_memory_allocated`` minus the allocation before the
 step. On CPU the step runs under a ``TorchDispatchMode`` that intercepts every tensor an operator returns,
@@ -50,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from aoe_lightning.models.config import FFNConfig, aoe_d_wide
 from aoe_lightning.models.moe import build_sparse_ffn
 from aoe_lightning.models.transformer import SwiGLU
+from aoe_lightning.training.allocator import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -296,6 +301,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="round the AoE width from Eq. 5 up to a multiple of this (1 keeps the exact rounded-up width)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument(
+        "--default-malloc", action="store_true",
+        help="keep glibc's default malloc thresholds instead of the ones `aoe fit` sets on CPU",
+    )
     return parser.parse_args(argv)
 
 
@@ -307,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     autocast_dtype = None if dtype_name == "float32" else DTYPES[dtype_name]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    # As `aoe fit` does on CPU: without it, every step faults in its freed activations and gradients again.
+    reused = device.type == "cpu" and not args.default_malloc and reuse_freed_memory()
 
     groups = [[LayerSpec("dense", 1), LayerSpec("moe", args.experts)]]
     groups[0] += [LayerSpec("aoe", args.experts, d_low) for d_low in args.d_lows]
@@ -322,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"d_model={args.d_model}, d_ffn={args.d_ffn}, top_k={args.top_k}, tokens={args.tokens}, "
         f"d_wide_multiple={args.d_wide_multiple}, dtype={dtype_name}, device={device}, threads={torch.get_num_threads()}, "
+        f"malloc={'reuse' if reused else 'default'}, "
         f"median of {args.rounds} rounds x {args.repeats} steps, each round after {args.warmup} warm-up"
     )
     print()

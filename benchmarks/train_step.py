@@ -13,6 +13,7 @@ load during one round then affects every preset alike instead of one of them.
   adds its selection overhead, the ``W_down`` rows of the experts it does not select.
 - MFU = ``training_flops_per_token * tokens/s / peak``, with the peak measured in the same run as the
   FLOP/s of a square matmul (fp32 on CPU, bf16 on CUDA), not taken from a datasheet.
+- On CPU each child raises glibc's malloc thresholds as ``aoe fit`` does (``--default-malloc`` keeps the defaults).
 - Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the child's peak resident set size
   (``ru_maxrss``) minus its size after importing torch, so it includes the allocator's slack.
 
@@ -45,9 +46,14 @@ def load_preset(path: Path):
     return load_model_config(path), int(data.get("batch_size", 8)), int(data.get("seq_len", 128))
 
 
-def measure(path: Path, steps: int, warmup: int, device: str, threads: int | None, queue) -> None:
+def measure(path: Path, steps: int, warmup: int, device: str, threads: int | None, default_malloc: bool,
+            queue) -> None:
     if threads:
         torch.set_num_threads(threads)
+    if device == "cpu" and not default_malloc:
+        from aoe_lightning.training.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
     from aoe_lightning.models import Transformer
     from aoe_lightning.models.params import count_parameters, training_flops_per_token
     from aoe_lightning.training.callbacks import measure_matmul_peak
@@ -118,6 +124,8 @@ def main() -> None:
                         help="rounds over all presets; each preset's fastest round is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default malloc thresholds instead of the ones `aoe fit` sets on CPU")
     args = parser.parse_args()
 
     context = mp.get_context("spawn")
@@ -126,7 +134,8 @@ def main() -> None:
         for path in args.configs:
             queue = context.Queue()
             child = context.Process(
-                target=measure, args=(path, args.steps, args.warmup, args.device, args.threads, queue)
+                target=measure,
+                args=(path, args.steps, args.warmup, args.device, args.threads, args.default_malloc, queue),
             )
             child.start()
             row = queue.get()
@@ -139,7 +148,7 @@ def main() -> None:
     base_flops = rows[0]["flops_per_token"]
     print(f"device: {args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"threads {args.threads or torch.get_num_threads()}, {args.steps} timed steps after {args.warmup} warm-up, "
-          f"best of {args.rounds} rounds")
+          f"best of {args.rounds} rounds, malloc {'default' if args.default_malloc else 'as aoe fit sets it'}")
     print(f"measured matmul peak: {rows[0]['peak_tflops'] * 1e3:.1f} GFLOP/s\n")
     first = rows[0]["preset"]
     print(f"| preset | ffn | active non-embedding params | train FLOP/token | vs {first} | tokens/s | vs {first} "

@@ -197,6 +197,40 @@ def test_grouped_mm_gradcheck_with_empty_group() -> None:
     assert torch.autograd.gradcheck(lambda a, b: grouped_mm(a, b, counts), (x, w))
 
 
+def test_low_rank_l2_scores_match_autograd() -> None:
+    experts = make_experts(D_LOW)
+    x = torch.randn(NUM_TOKENS, D_MODEL, requires_grad=True)
+    rows = torch.tensor([0, 7, 7, 30, 64])            # gathered (token * N + expert) rows, one repeated
+    norm_weights = torch.randn(NUM_TOKENS, NUM_EXPERTS)
+    row_weights = torch.randn(len(rows), D_LOW)
+
+    def loss(norms, low_rank):
+        gathered = low_rank.reshape(-1, D_LOW).index_select(0, rows)
+        return (norms * norm_weights).sum() + (gathered * row_weights).sum()
+
+    norms, low_rank = experts.low_rank_scores(x, 2)
+    grads = torch.autograd.grad(loss(norms, low_rank), [x, experts.w_down])
+    expected_low_rank = experts.low_rank_all(x)
+    expected_norms = torch.linalg.vector_norm(expected_low_rank, dim=-1)
+    expected_grads = torch.autograd.grad(loss(expected_norms, expected_low_rank), [x, experts.w_down])
+
+    assert_close(norms, expected_norms)
+    assert_close(low_rank, expected_low_rank)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close(grad, expected_grad)
+
+
+def test_low_rank_l2_norms_gradcheck() -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    w_down = torch.randn(4, 3 * 2, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    def low_rank_and_norms(x_TD, w_down_DX):
+        return experts_module._LowRankL2Norms.apply(x_TD, w_down_DX, 3)
+
+    assert torch.autograd.gradcheck(low_rank_and_norms, (x, w_down))
+
+
 @pytest.mark.parametrize("factorized", [False, True], ids=["swiglu", "factorized"])
 def test_grouped_swiglu_gradcheck(factorized: bool) -> None:
     generator = torch.Generator().manual_seed(4)

@@ -120,15 +120,16 @@ def test_aoe_reuses_cached_low_rank_rows(monkeypatch: pytest.MonkeyPatch) -> Non
     caches = []
     matmul_weights = []               # weight of every grouped matmul
     swiglu_calls = []                 # (gate input rows, gate weight, group counts) of every expert SwiGLU
-    original_low_rank_all = experts.low_rank_all
+    original_low_rank_scores = experts.low_rank_scores
     original_grouped_mm = experts_module.grouped_mm
     original_swiglu = experts_module._GroupedSwiGLU
 
-    def counting_low_rank_all(x_TD):
+    def counting_low_rank_scores(x_TD, order):
         nonlocal low_rank_calls
         low_rank_calls += 1
-        caches.append(original_low_rank_all(x_TD))
-        return caches[-1]
+        norms_TN, low_rank_TNL = original_low_rank_scores(x_TD, order)
+        caches.append(low_rank_TNL)
+        return norms_TN, low_rank_TNL
 
     def recording_grouped_mm(input_AK, weight_NKM, counts):
         matmul_weights.append(weight_NKM)
@@ -140,7 +141,7 @@ def test_aoe_reuses_cached_low_rank_rows(monkeypatch: pytest.MonkeyPatch) -> Non
             swiglu_calls.append((gate_input_AK, w_gate, counts))
             return original_swiglu.apply(x_AD, gate_input_AK, w_gate, w_proj, w_out, counts)
 
-    monkeypatch.setattr(experts, "low_rank_all", counting_low_rank_all)
+    monkeypatch.setattr(experts, "low_rank_scores", counting_low_rank_scores)
     monkeypatch.setattr(experts_module, "grouped_mm", recording_grouped_mm)
     monkeypatch.setattr(experts_module, "_GroupedSwiGLU", RecordingSwiGLU)
     captured = capture_dispatch(layer)

@@ -47,6 +47,23 @@ class GroupedExperts(nn.Module):
         w_down_DNL = self.w_down.permute(1, 0, 2).reshape(self.d_model, self.num_experts * self.d_low)
         return (x_TD @ w_down_DNL).view(x_TD.shape[0], self.num_experts, self.d_low)
 
+    def low_rank_scores(self, x_TD: Tensor, order: float) -> tuple[Tensor, Tensor]:
+        """Compute every expert's ``x W_down`` (T, N, L) and the fp32 ``order``-norm of each expert's row (T, N).
+
+        The L2 norm, AoE's default score, runs through ``_LowRankL2Norms``: its backward adds the norm's gradient
+        into the gradient of the rows in one buffer (T, N, L), where autograd over ``vector_norm`` allocates
+        three of that size. Returns ``(norms_TN, low_rank_TNL)``.
+        """
+        if order != 2:
+            low_rank_TNL = self.low_rank_all(x_TD)
+            return torch.linalg.vector_norm(low_rank_TNL.float(), ord=order, dim=-1), low_rank_TNL
+        device_type = x_TD.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_TD.dtype
+        w_down_DNL = self.w_down.permute(1, 0, 2).reshape(self.d_model, self.num_experts * self.d_low)
+        with torch.autocast(device_type, enabled=False):
+            low_rank_TX, norms_TN = _LowRankL2Norms.apply(x_TD.to(dtype), w_down_DNL.to(dtype), self.num_experts)
+        return norms_TN, low_rank_TX.view(x_TD.shape[0], self.num_experts, self.d_low)
+
     def forward(
         self,
         x_TD: Tensor,
@@ -115,6 +132,35 @@ class GroupedExperts(nn.Module):
             )
 
 
+class _LowRankL2Norms(torch.autograd.Function):
+    """Every expert's ``x W_down`` as one (T, N*L) matmul, and the L2 norm (fp32 or wider) of each expert's L columns."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, w_down_DX: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+        low_rank_TX = x_TD @ w_down_DX
+        low_rank_TNL = low_rank_TX.view(x_TD.shape[0], num_experts, -1)
+        norms_TN = torch.linalg.vector_norm(low_rank_TNL, dim=-1, dtype=torch.promote_types(x_TD.dtype, torch.float32))
+        ctx.save_for_backward(x_TD, w_down_DX, low_rank_TX, norms_TN)
+        return low_rank_TX, norms_TN
+
+    @staticmethod
+    def backward(ctx, grad_low_rank_TX: Tensor | None, grad_norms_TN: Tensor | None):
+        x_TD, w_down_DX, low_rank_TX, norms_TN = ctx.saved_tensors
+        num_tokens, num_experts = norms_TN.shape
+        if grad_norms_TN is None:
+            grad_TX = torch.zeros_like(low_rank_TX)
+        else:
+            # d||c|| / dc = c / ||c||, taken as 0 at c = 0 like torch.linalg.vector_norm.
+            scale_TN = torch.where(norms_TN > 0, grad_norms_TN / norms_TN, 0.0)
+            grad_TNL = low_rank_TX.view(num_tokens, num_experts, -1) * scale_TN[..., None]
+            grad_TX = grad_TNL.to(low_rank_TX.dtype).view(num_tokens, -1)
+        if grad_low_rank_TX is not None:
+            grad_TX.add_(grad_low_rank_TX)
+        grad_x_TD = grad_TX @ w_down_DX.t() if ctx.needs_input_grad[0] else None
+        grad_w_down_DX = x_TD.t() @ grad_TX if ctx.needs_input_grad[1] else None
+        return grad_x_TD, grad_w_down_DX, None
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
     """Per-expert SwiGLU ``(SiLU(g W_g) * (x W_p)) W_o``, computed expert by expert on contiguous row slices.
 
@@ -175,7 +221,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
             if grad_x_AD is not None:
                 grad_x = torch.mm(grad_proj, w_proj_NDH[expert].t(), out=grad_x_AD[start:end])
                 if gate_input_AK is None:
-                    grad_x.addmm_(grad_gate, w_gate_NKH[expert].t())
+                    # addmm with out= rather than addmm_, so that FlopCounterMode counts the product.
+                    torch.addmm(grad_x, grad_gate, w_gate_NKH[expert].t(), out=grad_x)
             if grad_gate_input_AK is not None:
                 torch.mm(grad_gate, w_gate_NKH[expert].t(), out=grad_gate_input_AK[start:end])
         return grad_x_AD, grad_gate_input_AK, grad_w_gate, grad_w_proj, grad_w_out, None

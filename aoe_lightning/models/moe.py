@@ -153,11 +153,9 @@ class AutonomyOfExperts(MoEBase):
     """
 
     def score(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
-        low_rank_TNL = self.experts.low_rank_all(x_TD)
         order = {"l2": 2, "l1": 1, "linf": math.inf}[self.config.score_norm]
         # Norms in fp32: bf16 norms of d_low-sized rows differ in the third digit and reorder close experts.
-        norms_TN = torch.linalg.vector_norm(low_rank_TNL.float(), ord=order, dim=-1)
-        return norms_TN, low_rank_TNL
+        return self.experts.low_rank_scores(x_TD, order)
 
 
 def build_sparse_ffn(d_model: int, config: FFNConfig) -> MoEBase:
