@@ -12,7 +12,8 @@ load during one round then affects every preset alike instead of one of them.
 - Train FLOP/token: ``training_flops_per_token`` (6 x the matmul parameters a token uses, plus attention). AoE
   adds its selection overhead, the ``W_down`` rows of the experts it does not select.
 - MFU = ``training_flops_per_token * tokens/s / peak``, with the peak measured in the same run as the
-  FLOP/s of a square matmul (fp32 on CPU, bf16 on CUDA), not taken from a datasheet.
+  FLOP/s of a square matmul (fp32 on CPU, bf16 on CUDA), not taken from a datasheet. Every preset's process
+  measures it, and all rows use the median of those measurements.
 - On CPU each child raises glibc's malloc thresholds as ``aoe fit`` does (``--default-malloc`` keeps the defaults).
 - Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the child's peak resident set size
   (``ru_maxrss``) minus its size after importing torch, so it includes the allocator's slack.
@@ -26,6 +27,7 @@ import argparse
 import multiprocessing as mp
 import platform
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -96,7 +98,6 @@ def measure(path: Path, steps: int, warmup: int, device: str, threads: int | Non
     tokens_per_s = steps * batch_size * seq_len / seconds
     peak = measure_matmul_peak(dev, dtype)
     flops_per_token = training_flops_per_token(config, seq_len)
-    flops = flops_per_token * tokens_per_s
     if dev.type == "cuda":
         memory_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -108,7 +109,6 @@ def measure(path: Path, steps: int, warmup: int, device: str, threads: int | Non
         "active": counts.non_embedding_active,
         "flops_per_token": flops_per_token,
         "tokens_per_s": tokens_per_s,
-        "mfu": flops / peak,
         "peak_tflops": peak / 1e12,
         "memory_mib": memory_mib,
     })
@@ -149,7 +149,9 @@ def main() -> None:
     print(f"device: {args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"threads {args.threads or torch.get_num_threads()}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"best of {args.rounds} rounds, malloc {'default' if args.default_malloc else 'as aoe fit sets it'}")
-    print(f"measured matmul peak: {rows[0]['peak_tflops'] * 1e3:.1f} GFLOP/s\n")
+    # One peak for every row: each child measures its own, and their spread would show up as MFU differences.
+    peak_tflops = statistics.median(row["peak_tflops"] for row in rows)
+    print(f"measured matmul peak (median over the presets' processes): {peak_tflops * 1e3:.1f} GFLOP/s\n")
     first = rows[0]["preset"]
     print(f"| preset | ffn | active non-embedding params | train FLOP/token | vs {first} | tokens/s | vs {first} "
           "| MFU | peak memory (MiB) |")
@@ -157,7 +159,7 @@ def main() -> None:
     for row in rows:
         print(f"| {row['preset']} | {row['kind']} | {row['active']:,} | {row['flops_per_token'] / 1e6:.2f}M | "
               f"{row['flops_per_token'] / base_flops:.3f} | {row['tokens_per_s']:,.0f} | "
-              f"{row['tokens_per_s'] / base:.2f} | {row['mfu']:.1%} | {row['memory_mib']:,.0f} |")
+              f"{row['tokens_per_s'] / base:.2f} | {row['flops_per_token'] * row['tokens_per_s'] / (peak_tflops * 1e12):.1%} | {row['memory_mib']:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the setting applies to glibc only"
 )
 
-# Free a 64 MiB tensor, then allocate a 32 MiB one, as consecutive steps of differently sized activations would;
-# print whether the setting changed and the page faults of the second allocation (a fresh mapping faults in
-# all 8192 of its 4 KiB pages, reused memory none).
+# Free a 64 MiB tensor, then allocate a 32 MiB one, as consecutive steps of differently sized activations would.
+# The program prints whether the setting changed and the page faults of the second allocation. A fresh mapping
+# faults in all 8192 of its 4 KiB pages, and reused memory none.
 PROGRAM = """
 import resource, sys, torch
 from aoe_lightning.training.allocator import reuse_freed_memory

@@ -50,8 +50,8 @@ class GroupedExperts(nn.Module):
     def low_rank_scores(self, x_TD: Tensor, order: float) -> tuple[Tensor, Tensor]:
         """Compute every expert's ``x W_down`` (T, N, L) and the fp32 ``order``-norm of each expert's row (T, N).
 
-        The L2 norm, AoE's default score, runs through ``_LowRankL2Norms``: its backward adds the norm's gradient
-        into the gradient of the rows in one buffer (T, N, L), where autograd over ``vector_norm`` allocates
+        The L2 norm, AoE's default score, runs through ``_LowRankL2Norms``. Its backward adds the norm's gradient
+        into the gradient of the rows in one (T, N, L) buffer, where autograd over ``vector_norm`` allocated
         three of that size. Returns ``(norms_TN, low_rank_TNL)``.
         """
         if order != 2:
@@ -167,7 +167,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
     ``g`` is the gate input: the rows ``x`` themselves, or the low-rank rows ``x W_down`` of a factorized gate
     (then ``W_g`` is ``W_up``). Only the gate and projection activations are saved. The backward recomputes
     ``SiLU(g W_g) * (x W_p)`` one expert at a time, so each elementwise product and its gradient fill an
-    expert-sized buffer that stays in cache rather than a buffer over all rows.
+    expert-sized buffer rather than a buffer over all rows (small experts' buffers stay in cache).
     """
 
     @staticmethod

@@ -42,5 +42,5 @@ def reuse_freed_memory() -> bool:
         return False
     changed = libc.mallopt(M_MMAP_THRESHOLD, MAX_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, MAX_THRESHOLD) == 1
     if changed:
-        log.info("glibc malloc keeps freed memory below 2 GiB per block for reuse (--reuse_cpu_memory false disables)")
+        log.info("glibc malloc thresholds raised: freed blocks up to 2 GiB stay in the process for reuse")
     return changed
