@@ -22,18 +22,11 @@ from aoe_lightning.ablation.runner import (
 from aoe_lightning.ablation.slurm import slurm_script
 from aoe_lightning.ablation.spec import load_sweep
 
+from sweep_base import tiny_sweep_base
+
 REPO = Path(__file__).resolve().parents[1]
 
-BASE = {
-    "seed_everything": 7,
-    "model": {
-        "vocab_size": 264, "n_layers": 2, "n_heads": 4, "d_model": 32, "max_seq_len": 32,
-        "ffn": {"kind": "moe", "d_ffn": 64, "num_experts": 4, "top_k": 2, "load_balance_coef": 0.01},
-        "optimizer": {"lr": 1.0e-3, "min_lr": 1.0e-4, "warmup_steps": 2},
-    },
-    "data": {"data_dir": "data/x", "tokenizer": "byte", "seq_len": 32, "batch_size": 2},
-    "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 5},
-}
+BASE = tiny_sweep_base()
 
 
 def make_eval_data(folder):
