@@ -10,9 +10,9 @@ synchronised before the clock is read). Gradients are reset to None between step
 them afresh, as training does. Layers that are compared with each other (dense, MoE and AoE at
 ``--experts``; MoE and AoE at each ``--many-experts``) are built together and timed in ``--rounds`` rounds;
 in each round every layer runs ``--warmup`` untimed steps and then ``--repeats`` timed steps back to back.
-The reported time is the median of a layer's timed steps over all rounds. Back-to-back steps of one layer
-are what training runs: each step finds the memory allocator as the previous step of the same layer left
-it, not as a layer of other shapes left it. The rounds spread a change in machine load over all layers alike.
+The reported time is the median of a layer's timed steps over all rounds. Training also runs one
+layer's steps back to back, so each step finds the memory allocator as the previous step of the same layer
+left it, not as a layer of other shapes left it. The rounds spread a change in machine load over all layers alike.
 
 Memory allocator: on CPU the script raises glibc's malloc thresholds as ``aoe fit`` does
 (``aoe_lightning.training.allocator``), so that steps reuse freed memory instead of faulting in fresh pages;

@@ -42,26 +42,27 @@ class GroupedExperts(nn.Module):
         for name, param in self.named_parameters(recurse=False):
             nn.init.normal_(param, mean=0.0, std=out_std if name == "w_out" else std)
 
+    def w_down_all(self) -> Tensor:
+        """Return every expert's ``W_down`` side by side, (D, N*L), so that one matmul computes all of them."""
+        return self.w_down.permute(1, 0, 2).reshape(self.d_model, self.num_experts * self.d_low)
+
     def low_rank_all(self, x_TD: Tensor) -> Tensor:
         """Compute every expert's ``x W_down`` with one matmul: (T, D) @ (D, N*L) -> (T, N, L)."""
-        w_down_DNL = self.w_down.permute(1, 0, 2).reshape(self.d_model, self.num_experts * self.d_low)
-        return (x_TD @ w_down_DNL).view(x_TD.shape[0], self.num_experts, self.d_low)
+        return (x_TD @ self.w_down_all()).view(x_TD.shape[0], self.num_experts, self.d_low)
 
     def low_rank_scores(self, x_TD: Tensor, order: float) -> tuple[Tensor, Tensor]:
-        """Compute every expert's ``x W_down`` (T, N, L) and the fp32 ``order``-norm of each expert's row (T, N).
+        """Compute every expert's ``x W_down`` (T, N, L) and the ``order``-norm of each expert's row (T, N) in fp32.
 
         The L2 norm, AoE's default score, runs through ``_LowRankL2Norms``. Its backward adds the norm's gradient
-        into the gradient of the rows in one (T, N, L) buffer, where autograd over ``vector_norm`` allocated
-        three of that size. Returns ``(norms_TN, low_rank_TNL)``.
+        into the gradient of the rows in one (T, N, L) buffer, where autograd over ``vector_norm`` would allocate
+        three buffers of that size. Returns ``(norms_TN, low_rank_TNL)``.
         """
         if order != 2:
             low_rank_TNL = self.low_rank_all(x_TD)
             return torch.linalg.vector_norm(low_rank_TNL.float(), ord=order, dim=-1), low_rank_TNL
-        device_type = x_TD.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_TD.dtype
-        w_down_DNL = self.w_down.permute(1, 0, 2).reshape(self.d_model, self.num_experts * self.d_low)
-        with torch.autocast(device_type, enabled=False):
-            low_rank_TX, norms_TN = _LowRankL2Norms.apply(x_TD.to(dtype), w_down_DNL.to(dtype), self.num_experts)
+        dtype = _compute_dtype(x_TD)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            low_rank_TX, norms_TN = _LowRankL2Norms.apply(x_TD.to(dtype), self.w_down_all().to(dtype), self.num_experts)
         return norms_TN, low_rank_TX.view(x_TD.shape[0], self.num_experts, self.d_low)
 
     def forward(
@@ -75,7 +76,7 @@ class GroupedExperts(nn.Module):
         """Run each assignment through its expert, weight it by its gate and sum per token.
 
         Assignments are stable-sorted by expert so that each expert reads one contiguous slice and does one
-        matmul per weight (``grouped_mm``). Every expert runs every step, on an empty slice if it got no tokens,
+        matmul per weight (``_GroupedSwiGLU``). Every expert runs every step, on an empty slice if it got no tokens,
         so its weights always receive a (zero) gradient: data-parallel ranks then issue identical collectives even
         when their tokens pick different experts. Gate weights multiply in fp32 and the sum accumulates in
         fp32, because bf16 accumulation over K experts loses the small gates.
@@ -109,8 +110,7 @@ class GroupedExperts(nn.Module):
         ``low_rank_AL`` contains the cached rows ``x W_down`` of a factorized gate. Without it they are computed
         here. Under autocast the matmuls run in the autocast dtype, as ``torch.matmul`` would.
         """
-        device_type = x_AD.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_AD.dtype
+        dtype = _compute_dtype(x_AD)
 
         def matmul(input_AK: Tensor, weight_NKM: Tensor) -> Tensor:
             return grouped_mm(input_AK.to(dtype), weight_NKM.to(dtype), counts)
@@ -121,7 +121,7 @@ class GroupedExperts(nn.Module):
             gate_input_AK, w_gate = low_rank_AL.to(dtype), self.w_up
         else:
             gate_input_AK, w_gate = None, self.w_gate
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(x_AD.device.type, enabled=False):
             return _GroupedSwiGLU.apply(
                 _row_major(x_AD.to(dtype)),
                 None if gate_input_AK is None else _row_major(gate_input_AK),
@@ -133,7 +133,10 @@ class GroupedExperts(nn.Module):
 
 
 class _LowRankL2Norms(torch.autograd.Function):
-    """Every expert's ``x W_down`` as one (T, N*L) matmul, and the L2 norm (fp32 or wider) of each expert's L columns."""
+    """Autograd function for every expert's ``x W_down`` (one (T, N*L) matmul) and the L2 norm of each expert's rows.
+
+    The norms are fp32, or fp64 for fp64 inputs.
+    """
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, w_down_DX: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -162,7 +165,7 @@ class _LowRankL2Norms(torch.autograd.Function):
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
-    """Per-expert SwiGLU ``(SiLU(g W_g) * (x W_p)) W_o``, computed expert by expert on contiguous row slices.
+    """Autograd function for each expert's SwiGLU ``(SiLU(g W_g) * (x W_p)) W_o`` on its contiguous row slice.
 
     ``g`` is the gate input: the rows ``x`` themselves, or the low-rank rows ``x W_down`` of a factorized gate
     (then ``W_g`` is ``W_up``). Only the gate and projection activations are saved. The backward recomputes
@@ -221,7 +224,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
             if grad_x_AD is not None:
                 grad_x = torch.mm(grad_proj, w_proj_NDH[expert].t(), out=grad_x_AD[start:end])
                 if gate_input_AK is None:
-                    # addmm with out= rather than addmm_, so that FlopCounterMode counts the product.
+                    # FlopCounterMode counts addmm with out= but not addmm_, so the in-place form is avoided.
                     torch.addmm(grad_x, grad_gate, w_gate_NKH[expert].t(), out=grad_x)
             if grad_gate_input_AK is not None:
                 torch.mm(grad_gate, w_gate_NKH[expert].t(), out=grad_gate_input_AK[start:end])
@@ -261,6 +264,12 @@ class _GroupedMatmul(torch.autograd.Function):
                 # An expert without rows gets an exact zero gradient: a matmul over an empty inner dimension.
                 torch.mm(input_AK[start:end].t(), grad_AM[start:end], out=grad_weight_NKM[expert])
         return grad_input_AK, grad_weight_NKM, None
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    """Return the autocast dtype of ``tensor``'s device if autocast is on there, else ``tensor``'s dtype."""
+    device_type = tensor.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else tensor.dtype
 
 
 def _empty_aligned_rows(like: Tensor, rows: int, cols: int) -> Tensor:

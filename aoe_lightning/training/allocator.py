@@ -1,11 +1,11 @@
-"""Let glibc's malloc keep freed tensor memory for the next training step instead of returning it to the OS.
+"""glibc malloc settings that keep freed tensor memory in the process for the next training step.
 
 PyTorch's CPU allocator takes large tensors from ``malloc``, and glibc serves blocks above its mmap threshold
-(at most 32 MiB with the default adaptive threshold) with fresh ``mmap`` calls that ``free`` hands straight back
-to the kernel. Every training step then faults in its activations and gradients page by page. On a 2-vCPU
-machine, a 32-expert AoE layer on 4096 tokens spent about 15% of its CPU time in the kernel this way, and
-raising the thresholds raised its throughput by 22%. The price is a resident set that stays at the peak of the
-run.
+(adaptive, at most 32 MiB on 64-bit systems; see mallopt(3)) with fresh ``mmap`` calls that ``free`` hands
+straight back to the kernel. Every training step then faults in its activations and gradients page by page.
+On a 2-vCPU machine, a 32-expert AoE layer on 4096 tokens spent about 15% of its CPU time in the kernel this
+way, and raising the thresholds raised its throughput by 22%. The price is a resident set that stays at the
+peak of the run.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP
 def reuse_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds to ``MAX_THRESHOLD`` for this process; return whether they changed.
 
-    Nothing changes where the C library is not glibc, where another allocator is preloaded (jemalloc and tcmalloc
-    reuse memory already), or where the environment sets malloc tunables.
+    Nothing changes where the C library is not glibc, where another allocator such as jemalloc or tcmalloc is
+    preloaded (it manages its own reuse), or where the environment sets malloc tunables.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

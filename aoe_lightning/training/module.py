@@ -120,7 +120,7 @@ class LanguageModelModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         # With fp16 loss scaling, Lightning unscales the gradients before the clipping hook only for optimizers
         # that do not unscale inside their own step, which the fused AdamW does.
-        fused = str(self.trainer.precision) not in ("16-mixed", "16")
+        fused = self.trainer.precision != "16-mixed"
         optimizer, scheduler = build_optimizer(self.model, self.optimizer_config, self.trainer.max_steps, fused=fused)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
