@@ -1,4 +1,5 @@
-"""Transformer LM: causality, padding in routing statistics, activation checkpointing, tied head."""
+"""Transformer LM: causality, padding in routing statistics, activation checkpointing, tied head, RoPE and the
+key/value cache."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from aoe_lightning.models.attention import apply_rope, rope_tables
 from aoe_lightning.models.config import FFNConfig, ModelConfig
 from aoe_lightning.models.transformer import Transformer
 
@@ -160,3 +162,103 @@ def test_residual_output_init_is_scaled() -> None:
     assert model.blocks[0].attn.out.weight.std().item() == pytest.approx(out_std, rel=0.2)
     assert model.blocks[0].ffn.experts.w_out.std().item() == pytest.approx(out_std, rel=0.2)
     assert model.blocks[0].ffn.experts.w_proj.std().item() == pytest.approx(config.init_std, rel=0.2)
+
+
+def rope_reference(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x (..., S, Dh) by angle position * theta^(-2i/Dh), one pair at a time."""
+    out = x.double().clone()
+    head_dim = x.shape[-1]
+    for i in range(head_dim // 2):
+        angle = positions.double() * theta ** (-2 * i / head_dim)
+        even, odd = x[..., 2 * i].double(), x[..., 2 * i + 1].double()
+        out[..., 2 * i] = even * angle.cos() - odd * angle.sin()
+        out[..., 2 * i + 1] = even * angle.sin() + odd * angle.cos()
+    return out
+
+
+def test_rope_rotates_interleaved_pairs() -> None:
+    cos, sin = rope_tables(head_dim=8, max_seq_len=16, theta=10000.0)
+    # A strided (B, H, S, Dh) view, as attention passes it, and positions 0..S-1.
+    x = torch.randn(2, 5, 3, 8).transpose(1, 2)
+    rotated = apply_rope(x, torch.complex(cos[:5], sin[:5]))
+    assert rotated.is_contiguous()
+    assert_close(rotated, rope_reference(x, torch.arange(5)).float())
+    # Norms are preserved, and bf16 input is rotated in fp32 and rounded once.
+    assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+    x_bf16 = x.bfloat16()
+    expected = rope_reference(x_bf16, torch.arange(5)).bfloat16()
+    assert_close(apply_rope(x_bf16, torch.complex(cos[:5], sin[:5])), expected)
+
+
+def tokens_of_lengths(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Right-padded random ids, their padding mask and the token lists."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+    idx = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        idx[row, : len(tokens)] = torch.tensor(tokens)
+    return idx, torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None], rows
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "aoe"])
+def test_cached_prompts_continue_like_whole_sequences(kind: str) -> None:
+    model = make_model(kind).eval()
+    prompt_idx, prompt_mask, prompts = tokens_of_lengths([5, 9, 3], seed=2)
+    # Continuation rows pick their prompts by index; prompt 0 is continued twice.
+    prompt_of = [0, 2, 0, 1]
+    tail_idx, tail_mask, tails = tokens_of_lengths([4, 2, 6, 7], seed=3)
+
+    with torch.no_grad():
+        first = model(prompt_idx, padding_mask=prompt_mask, use_cache=True)
+        second = model(tail_idx, padding_mask=tail_mask, past=first.cache.select(torch.tensor(prompt_of)))
+        for row, (prompt, tail) in enumerate(zip((prompts[p] for p in prompt_of), tails)):
+            whole = model(torch.tensor([prompt + tail])).logits[0]
+            assert_close(first.logits[prompt_of[row], : len(prompt)], whole[: len(prompt)])
+            assert_close(second.logits[row, : len(tail)], whole[len(prompt) :])
+
+
+def test_cache_grows_one_token_at_a_time() -> None:
+    model = make_model("aoe").eval()
+    idx = random_tokens(1, 10)
+    with torch.no_grad():
+        whole = model(idx).logits[0]
+        out = model(idx[:, :4], use_cache=True)
+        steps = [out.logits[0]]
+        for position in range(4, 10):
+            out = model(idx[:, position : position + 1], past=out.cache, use_cache=True)
+            steps.append(out.logits[0])
+
+    assert_close(torch.cat(steps), whole)
+    assert out.cache.lengths_B.tolist() == [10]
+    assert out.cache.mask_BP.tolist() == [[True] * 10]
+    assert [k.shape for k in out.cache.keys] == [torch.Size([1, 4, 10, 8])] * 2
+
+
+def test_cache_select_drops_shared_padding() -> None:
+    model = make_model("dense").eval()
+    idx, mask, _ = tokens_of_lengths([3, 9, 5], seed=4)
+    with torch.no_grad():
+        cache = model(idx, padding_mask=mask, use_cache=True).cache
+    selected = cache.select(torch.tensor([2, 0, 2]))
+    assert selected.mask_BP.shape == (3, 5)
+    assert selected.lengths_B.tolist() == [5, 3, 5]
+    assert selected.keys[0].shape[2] == 5
+
+
+def test_cached_tokens_beyond_window_raise() -> None:
+    model = make_model("dense").eval()
+    with torch.no_grad():
+        cache = model(random_tokens(1, 12), use_cache=True).cache
+        model(random_tokens(1, 4), past=cache)  # positions 12..15 fit max_seq_len=16
+        with pytest.raises(ValueError, match="max_seq_len=16"):
+            model(random_tokens(1, 5), past=cache)
+
+
+def test_head_false_returns_hidden_states() -> None:
+    model = make_model("moe").eval()
+    idx = random_tokens(2)
+    with torch.no_grad():
+        full = model(idx)
+        hidden_only = model(idx, head=False)
+    assert hidden_only.logits is None
+    assert_close(model.lm_head(hidden_only.hidden), full.logits)
