@@ -1,13 +1,18 @@
 """Loglikelihood requests per second of the ``aoe`` lm-eval model at several batch sizes.
 
 Scores the first N HellaSwag requests (context + " " + ending, four per item) with a tiny randomly
-initialised dense model and prints one row per batch size with its speed-up over batch size 1. When
+initialised dense model and prints one row per batch size with its speed-up over batch size 1, once with
+the adapter's default of running each shared prompt once (``share_prompts``) and once scoring whole
+sequences as lm-eval's own models do. When
 ``transformers`` is installed (the ``hf`` extra), lm-eval's own ``hf`` model is timed on the same requests at
 the same batch sizes: a Llama (RMSNorm, RoPE, SwiGLU, untied head) of the same width, depth, FFN width and
 window, built from a config, with a byte-level tokenizer built in memory that gives the same ids as the
 ``aoe`` byte tokenizer. Nothing is downloaded, and both models score identical token sequences.
 
     python benchmarks/eval_throughput.py --data_dir /data/eval [--requests 2000] [--batch_sizes 1,8,32]
+
+As ``aoe eval`` does on CPU, glibc's malloc keeps freed memory for the next batch (``--default-malloc``
+turns this off).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 from lm_eval.api.instance import Instance
 
-from aoe_lightning.data.tokenizer import ByteTokenizer
+from aoe_lightning.allocator import reuse_freed_memory
+from aoe_lightning.data.default_corpus import default_documents
+from aoe_lightning.data.tokenizer import ByteTokenizer, train_bpe_tokenizer
 from aoe_lightning.evaluation.adapter import AoELM
 from aoe_lightning.evaluation.tasks import hellaswag_text_docs, resolve_data_dir
 from aoe_lightning.models import ModelConfig, Transformer
@@ -61,18 +68,34 @@ def byte_level_hf_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
 
 
-def hf_model(args):
-    """Build lm-eval's ``hf`` model on a randomly initialised Llama of the benchmark's size, or return None."""
+def bpe_tokenizers(vocab_size: int):
+    """Train a byte-level BPE on the package's built-in corpus.
+
+    Returns it and the same tokenizer wrapped for lm-eval's ``hf`` model, or None without ``transformers``.
+    """
+    tokenizer = train_bpe_tokenizer(default_documents(), vocab_size)
+    if importlib.util.find_spec("transformers") is None:
+        return tokenizer, None
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.to_dict()["tokenizer_json"]),
+                                           eos_token=tokenizer.to_dict()["eos_token"])
+    return tokenizer, hf_tokenizer
+
+
+def hf_model(args, vocab_size: int, eos_id: int):
+    """Build a randomly initialised Llama of the benchmark's size for lm-eval's ``hf`` model, or return None."""
     if importlib.util.find_spec("transformers") is None:
         return None
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=257, hidden_size=args.d_model, intermediate_size=4 * args.d_model,
+        vocab_size=vocab_size, hidden_size=args.d_model, intermediate_size=4 * args.d_model,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, max_position_embeddings=args.max_seq_len,
-        tie_word_embeddings=False, bos_token_id=256, eos_token_id=256,
+        tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id,
     )
-    return transformers.LlamaForCausalLM(config).eval(), byte_level_hf_tokenizer()
+    return transformers.LlamaForCausalLM(config).eval()
 
 
 def main() -> None:
@@ -86,6 +109,12 @@ def main() -> None:
     parser.add_argument("--max_seq_len", type=int, default=512,
                         help="model window in tokens (bytes); requests whose continuation does not fit are dropped")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte",
+                        help="byte: UTF-8 bytes (about 194 tokens per request); bpe: a byte-level BPE trained on "
+                             "the built-in corpus (about 4 bytes per token)")
+    parser.add_argument("--bpe_vocab_size", type=int, default=4096)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default malloc thresholds instead of reusing freed memory")
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     # Per-request truncation warnings of lm-eval's hf model would bury the table.
@@ -96,9 +125,15 @@ def main() -> None:
         parser.error("pass --data_dir or set AOE_EVAL_DATA to a folder with hellaswag/hellaswag_val_full.txt.bz2")
     if args.threads:
         torch.set_num_threads(args.threads)
+    reused = False if args.default_malloc else reuse_freed_memory()
 
+    if args.tokenizer == "byte":
+        tokenizer = ByteTokenizer()
+        hf_tokenizer = byte_level_hf_tokenizer() if importlib.util.find_spec("transformers") else None
+    else:
+        tokenizer, hf_tokenizer = bpe_tokenizers(args.bpe_vocab_size)
     torch.manual_seed(0)
-    config = ModelConfig.from_dict({"vocab_size": 257, "n_layers": args.n_layers, "n_heads": args.n_heads,
+    config = ModelConfig.from_dict({"vocab_size": tokenizer.vocab_size, "n_layers": args.n_layers, "n_heads": args.n_heads,
                                     "d_model": args.d_model, "max_seq_len": args.max_seq_len,
                                     "ffn": {"kind": "dense", "d_ffn": 4 * args.d_model}})
     model = Transformer(config).eval()
@@ -106,37 +141,43 @@ def main() -> None:
     # lm-eval's hf model rejects a continuation longer than its window, so neither model is timed on one.
     requests = [r for r in requests if len(r.arguments[1].encode("utf-8")) < args.max_seq_len]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{len(requests)} HellaSwag loglikelihood requests, byte tokenizer, dense model d_model={args.d_model} "
+    tokens = sum(len(tokenizer.encode(context + continuation)) for context, continuation in (r.args for r in requests))
+    print(f"{len(requests)} HellaSwag loglikelihood requests, {tokens / len(requests):.0f} tokens per request, "
+          f"{tokenizer!r}, dense model d_model={args.d_model} "
           f"n_layers={args.n_layers} max_seq_len={args.max_seq_len} ({n_params / 1e6:.2f}M params), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, "
+          f"{'freed memory reused' if reused else 'default malloc'}")
     print()
-    hf = hf_model(args)
+    hf = hf_model(args, tokenizer.vocab_size, tokenizer.eos_id)
     if hf is None:
         print("lm-eval's hf model is skipped: `transformers` is not installed (pip install -e '.[hf]')\n")
     else:
-        print(f"hf: LlamaForCausalLM with the same shape ({sum(p.numel() for p in hf[0].parameters()) / 1e6:.2f}M "
+        print(f"hf: LlamaForCausalLM with the same shape ({sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M "
               f"params), transformers {importlib.import_module('transformers').__version__}\n")
-    header = "| batch size | aoe requests/s | aoe vs batch 1 |"
+    header = "| batch size | aoe requests/s | aoe vs batch 1 | aoe whole sequences | whole vs batch 1 |"
     if hf is not None:
         header += " hf requests/s | hf vs batch 1 | aoe / hf |"
     print(header)
     print("|" + "---:|" * (header.count("|") - 1))
-    aoe_base = hf_base = None
+    base: dict[str, float] = {}
     for batch_size in args.batch_sizes:
-        lm = AoELM(model=model, tokenizer=ByteTokenizer(), batch_size=batch_size, device="cpu")
-        aoe_rate = time_requests(lm, requests)
-        aoe_base = aoe_base or aoe_rate
-        row = f"| {batch_size} | {aoe_rate:.1f} | {aoe_rate / aoe_base:.2f}x |"
+        rates = {}
+        for name, share in (("aoe", True), ("whole", False)):
+            lm = AoELM(model=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu", share_prompts=share)
+            rates[name] = time_requests(lm, requests)
         if hf is not None:
             from lm_eval.models.huggingface import HFLM
 
-            hf_lm = HFLM(pretrained=hf[0], tokenizer=hf[1], batch_size=batch_size, max_length=args.max_seq_len,
+            hf_lm = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=batch_size, max_length=args.max_seq_len,
                          device="cpu")
-            hf_rate = time_requests(hf_lm, requests)
-            hf_base = hf_base or hf_rate
-            row += f" {hf_rate:.1f} | {hf_rate / hf_base:.2f}x | {aoe_rate / hf_rate:.2f} |"
+            rates["hf"] = time_requests(hf_lm, requests)
+        for name, rate in rates.items():
+            base.setdefault(name, rate)
+        row = f"| {batch_size} |" + "".join(
+            f" {rates[name]:.1f} | {rates[name] / base[name]:.2f}x |" for name in ("aoe", "whole"))
+        if hf is not None:
+            row += f" {rates['hf']:.1f} | {rates['hf'] / base['hf']:.2f}x | {rates['aoe'] / rates['hf']:.2f} |"
         print(row, flush=True)
-
 
 if __name__ == "__main__":
     main()

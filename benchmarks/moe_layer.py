@@ -15,7 +15,7 @@ layer's steps back to back, so each step finds the memory allocator as the previ
 left it, not as a layer of other shapes left it. The rounds spread a change in machine load over all layers alike.
 
 Memory allocator: on CPU the script raises glibc's malloc thresholds as ``aoe fit`` does
-(``aoe_lightning.training.allocator``), so that steps reuse freed memory instead of faulting in fresh pages;
+(``aoe_lightning.allocator``), so that steps reuse freed memory instead of faulting in fresh pages;
 ``--default-malloc`` measures with glibc's defaults.
 
 Peak memory: the bytes of the parameters and the input, plus the peak of the tensor bytes allocated during
@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from aoe_lightning.models.config import FFNConfig, aoe_d_wide
 from aoe_lightning.models.moe import build_sparse_ffn
 from aoe_lightning.models.transformer import SwiGLU
-from aoe_lightning.training.allocator import reuse_freed_memory
+from aoe_lightning.allocator import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 

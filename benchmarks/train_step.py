@@ -53,7 +53,7 @@ def measure(path: Path, steps: int, warmup: int, device: str, threads: int | Non
     if threads:
         torch.set_num_threads(threads)
     if device == "cpu" and not default_malloc:
-        from aoe_lightning.training.allocator import reuse_freed_memory
+        from aoe_lightning.allocator import reuse_freed_memory
 
         reuse_freed_memory()
     from aoe_lightning.models import Transformer

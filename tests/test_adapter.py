@@ -111,10 +111,11 @@ def merge_model():
     return tiny_model(MergeTokenizer.vocab_size)
 
 
+@pytest.mark.parametrize("share_prompts", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_batched_matches_naive(merge_model, batch_size):
+def test_batched_matches_naive(merge_model, batch_size, share_prompts):
     tok = MergeTokenizer()
-    lm = AoELM(model=merge_model, tokenizer=tok, batch_size=batch_size, device="cpu")
+    lm = AoELM(model=merge_model, tokenizer=tok, batch_size=batch_size, device="cpu", share_prompts=share_prompts)
     order = list(range(len(REQUESTS)))
     random.Random(batch_size).shuffle(order)
     pairs = [REQUESTS[i] for i in order]
@@ -125,6 +126,84 @@ def test_batched_matches_naive(merge_model, batch_size):
         expected_score, expected_greedy = naive_loglikelihood(merge_model, tok, *pair)
         torch.testing.assert_close(score, expected_score, rtol=1e-5, atol=1e-4)
         assert greedy == expected_greedy, pair
+
+
+# Multiple-choice questions: every choice of a question shares the prompt. " b" is one token, so the
+# prompt alone predicts that continuation. The third question is longer than the window, so truncation
+# gives its choices different prompts. The empty context is conditioned on BOS.
+QUESTIONS = [
+    ("Question: which is largest?\nAnswer:", [" one", " two hundred", " b", " eleven"]),
+    ("The cat sat on the", [" mat", " b", " sofa by the window"]),
+    ("long context " * 4, [" end", " the very end"]),
+    ("", ["x", "yz"]),
+]
+CHOICE_REQUESTS = [(context, choice) for context, choices in QUESTIONS for choice in choices]
+
+
+@pytest.mark.parametrize("kind", ["dense", "aoe"])
+@pytest.mark.parametrize("batch_size", [2, 3, 5])
+def test_shared_prompts_match_naive(kind, batch_size):
+    tok = MergeTokenizer()
+    ffn = {"kind": "aoe", "d_ffn": 64, "num_experts": 4, "top_k": 2, "d_low": 8} if kind == "aoe" else None
+    model = tiny_model(tok.vocab_size, ffn=ffn)
+    lm = AoELM(model=model, tokenizer=tok, batch_size=batch_size)
+    assert lm.share_prompts
+    pairs = CHOICE_REQUESTS[:]
+    random.Random(batch_size).shuffle(pairs)
+
+    for pair, (score, greedy) in zip(pairs, lm.loglikelihood(make_requests(pairs))):
+        expected_score, expected_greedy = naive_loglikelihood(model, tok, *pair)
+        torch.testing.assert_close(score, expected_score, rtol=1e-5, atol=1e-4)
+        assert greedy == expected_greedy, pair
+
+
+def count_fed_tokens(model) -> list[int]:
+    """Record the number of real tokens in every forward pass of ``model``."""
+    counts = []
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("padding_mask")
+        counts.append(int(mask.sum()) if mask is not None else args[0].numel())
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return counts
+
+
+@pytest.mark.parametrize("share_prompts, expected", [
+    # Prompts once (13 + 6 bytes), then each continuation but its last byte (1 + 2 + 3 per question).
+    (True, 13 + 6 + 2 * (1 + 2 + 3)),
+    # Whole sequences: the prompt again for every choice.
+    (False, 3 * 13 + (1 + 2 + 3) + 3 * 6 + (1 + 2 + 3)),
+])
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_each_prompt_runs_once(share_prompts, expected, batch_size):
+    tok = ByteTokenizer()
+    model = tiny_model(tok.vocab_size)
+    counts = count_fed_tokens(model)
+    lm = AoELM(model=model, tokenizer=tok, batch_size=batch_size, share_prompts=share_prompts)
+    pairs = [(context, choice) for context in ("Question one?", "Second") for choice in (" a", " bb", " ccc")]
+
+    lm.loglikelihood(make_requests(pairs))
+
+    assert sum(counts) == expected
+
+
+def test_batch_size_one_runs_whole_sequences():
+    tok = ByteTokenizer()
+    model = tiny_model(tok.vocab_size)
+    counts = count_fed_tokens(model)
+    lm = AoELM(model=model, tokenizer=tok, batch_size=1)
+    lm.loglikelihood(make_requests([("Question one?", " a"), ("Question one?", " bb")]))
+    assert sorted(counts) == [13 + 1, 13 + 2]
+
+
+def test_share_prompts_option(merge_model):
+    assert not AoELM(model=merge_model, tokenizer=MergeTokenizer(), share_prompts="False").share_prompts
+    assert AoELM(model=merge_model, tokenizer=MergeTokenizer(), share_prompts="true").share_prompts
+    # Only the package's Transformer can continue from cached keys and values.
+    assert not AoELM(model=NextByteModel(), tokenizer=ByteTokenizer()).share_prompts
+    with pytest.raises(ValueError, match="share_prompts='yes'"):
+        AoELM(model=merge_model, tokenizer=MergeTokenizer(), share_prompts="yes")
 
 
 def test_boundary_token_split():
@@ -272,3 +351,35 @@ def test_bfloat16_close_to_float32():
     for (a, _), (b, _) in zip(fp32, bf16):
         # bfloat16 keeps 8 mantissa bits; summed log-probs of ~10 tokens drift by well under 1 nat.
         assert abs(a - b) < 1.0
+
+
+def naive_greedy(model, tokens: list[int], max_new: int, eos: int) -> list[int]:
+    """Greedy decoding with a full forward pass over the last window for every new token."""
+    generated = []
+    for _ in range(max_new):
+        window = (tokens + generated)[-WINDOW:]
+        with torch.no_grad():
+            next_id = int(model(torch.tensor([window])).logits[0, -1].argmax())
+        if next_id == eos:
+            break
+        generated.append(next_id)
+    return generated
+
+
+def test_generation_from_cache_matches_full_passes():
+    tok = ByteTokenizer()
+    model = tiny_model(tok.vocab_size, seed=5)
+    context = "generate from here"
+    expected = naive_greedy(model, tok.encode(context), 30, tok.eos_id)
+    # The sequence outgrows the 32-token window, so both the cached steps and the sliding window run.
+    assert len(context) + len(expected) > WINDOW
+    counts = count_fed_tokens(model)
+    lm = AoELM(model=model, tokenizer=tok)
+    request = Instance(request_type="generate_until", doc={}, arguments=(context, {"until": [], "max_gen_toks": 30}),
+                       idx=0, metadata=("t", 0, 1))
+
+    assert lm.generate_until([request]) == [tok.decode(expected)]
+    # One token per step while the sequence fits the window, then a whole window per step.
+    assert counts[0] == len(context)
+    assert counts[1:WINDOW - len(context) + 1] == [1] * (WINDOW - len(context))
+    assert set(counts[WINDOW - len(context) + 1:]) == {WINDOW}

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 # faults in all 8192 of its 4 KiB pages, and reused memory none.
 PROGRAM = """
 import resource, sys, torch
-from aoe_lightning.training.allocator import reuse_freed_memory
+from aoe_lightning.allocator import reuse_freed_memory
 changed = reuse_freed_memory() if sys.argv[1] == "reuse" else False
 tensor = torch.ones(16 * 2**20)
 del tensor

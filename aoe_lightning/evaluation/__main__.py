@@ -8,6 +8,9 @@ Takes lm-eval's usual flags, for example::
 One flag is added: ``--data_dir DIR`` (default ``$AOE_EVAL_DATA``) writes the local tasks found in DIR
 (``arc_easy_local``, ``piqa_local``, ...) as task YAMLs into a temporary folder, passes it to
 ``--include_path`` and switches the Hugging Face libraries to offline mode.
+
+Without CUDA, glibc's malloc is set to keep freed memory for the next batch
+(``aoe_lightning.allocator.reuse_freed_memory``); malloc tunables in the environment take precedence.
 """
 
 from __future__ import annotations
@@ -44,8 +47,14 @@ def main(argv: list[str] | None = None) -> None:
             write_local_task_yamls(data_dir, Path(include_dir))
             argv += ["--include_path", include_dir]
 
-        import aoe_lightning.evaluation.adapter  # noqa: F401  (registers the "aoe" model)
+        import torch
         from lm_eval.__main__ import cli_evaluate
+
+        import aoe_lightning.evaluation.adapter  # noqa: F401  (registers the "aoe" model)
+        from aoe_lightning.allocator import reuse_freed_memory
+
+        if not torch.cuda.is_available():
+            reuse_freed_memory()
 
         # lm-eval's parser reads sys.argv itself.
         sys.argv = ["python -m aoe_lightning.evaluation", *argv]

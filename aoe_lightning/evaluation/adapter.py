@@ -24,6 +24,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from aoe_lightning.models import Transformer
+from aoe_lightning.models.attention import KVCache
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,6 +65,12 @@ def _parse_batch_size(batch_size: int | str) -> int | str:
     return batch_size
 
 
+def _prompt(inputs: list[int], continuation: list[int]) -> tuple[int, ...]:
+    """Return the part of a request's input before its continuation, up to and including the position that
+    predicts the continuation's first token."""
+    return tuple(inputs[:len(inputs) - len(continuation) + 1])
+
+
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -81,6 +90,9 @@ class AoELM(TemplateLM):
         dtype: "float32" (default), "bfloat16" or "float16" for the weights. Log-softmax is always fp32.
         max_length: context window in tokens; at most, and by default, the model's ``max_seq_len``.
         max_gen_toks: default number of new tokens for ``generate_until``.
+        share_prompts: at batch sizes above 1, run a prompt shared by several requests (the choices of a
+            multiple-choice question) once and score the continuations from its cached keys and values.
+            Needs a ``Transformer``; scores equal those of whole-sequence scoring up to float rounding.
 
     NOTE: with ``selection="expert_choice"`` each expert picks tokens from the whole batch, so a
     request's score depends on the other requests in its batch and on ``batch_size``. Token-choice
@@ -98,6 +110,7 @@ class AoELM(TemplateLM):
         dtype: str | torch.dtype | None = None,
         max_length: int | None = None,
         max_gen_toks: int = 256,
+        share_prompts: bool | str = True,
     ) -> None:
         super().__init__()
         if (checkpoint is None) == (model is None):
@@ -123,6 +136,10 @@ class AoELM(TemplateLM):
         self._max_length = int(max_length) if max_length is not None else model_window
         self.vocab_size = int(model.config.vocab_size)
         self.max_gen_toks = int(max_gen_toks)
+        # lm-eval passes model_args as text.
+        if str(share_prompts).strip().lower() not in ("true", "false"):
+            raise ValueError(f"share_prompts={share_prompts!r} must be true or false")
+        self.share_prompts = str(share_prompts).strip().lower() == "true" and isinstance(self.model, Transformer)
 
         self.max_batch_size = int(max_batch_size)
         requested = _parse_batch_size(batch_size)
@@ -205,64 +222,166 @@ class AoELM(TemplateLM):
 
     # ---------------------------------------------------------------------------- scoring
 
-    def _forward_logits(self, inputs: list[list[int]]) -> torch.Tensor:
-        """Run one right-padded batch and return the logits (B, T, V); pads never precede real tokens."""
-        width = max(len(x) for x in inputs)
-        idx = torch.zeros(len(inputs), width, dtype=torch.long)
-        padding_mask = torch.zeros(len(inputs), width, dtype=torch.bool)
-        for row, tokens in enumerate(inputs):
+    def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad token lists into ids (B, T) and a padding mask that is True at real tokens."""
+        width = max(len(x) for x in rows)
+        idx = torch.zeros(len(rows), width, dtype=torch.long)
+        padding_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for row, tokens in enumerate(rows):
             idx[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             padding_mask[row, :len(tokens)] = True
+        return idx.to(self._device), padding_mask.to(self._device)
+
+    def _forward_logits(self, inputs: list[list[int]]) -> torch.Tensor:
+        """Run one right-padded batch and return the logits (B, T, V); pads never precede real tokens."""
+        idx, padding_mask = self._padded(inputs)
         with torch.inference_mode():
-            return self.model(idx.to(self._device), padding_mask=padding_mask.to(self._device)).logits
+            return self.model(idx, padding_mask=padding_mask).logits
+
+    def _predicting_logits(self, inputs: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
+        """Logits (sum of continuation lengths, V) at the positions that predict each continuation token.
+
+        Position t predicts token t + 1, so a continuation is predicted by its row's last len(continuation)
+        inputs. A ``Transformer`` projects only those positions onto the vocabulary.
+        """
+        rows = torch.cat([torch.full((len(c),), row) for row, c in enumerate(continuations)]).to(self._device)
+        positions = torch.cat([torch.arange(len(x) - len(c), len(x)) for x, c in zip(inputs, continuations)])
+        positions = positions.to(self._device)
+        idx, padding_mask = self._padded(inputs)
+        with torch.inference_mode():
+            if not isinstance(self.model, Transformer):
+                return self.model(idx, padding_mask=padding_mask).logits[rows, positions]
+            hidden_BTD = self.model(idx, padding_mask=padding_mask, head=False).hidden
+            return self.model.lm_head(hidden_BTD[rows, positions])
+
+    @staticmethod
+    def _token_scores(logits_NV: torch.Tensor, targets: list[int]) -> tuple[list[float], list[bool]]:
+        """fp32 log-probability of each target token and whether it is the arg-max."""
+        targets_N = torch.tensor(targets, device=logits_NV.device)
+        logits_NV = logits_NV.float()
+        # log_softmax at the target only: logit - logsumexp, without writing out the (N, V) log-probabilities.
+        scores_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - logits_NV.logsumexp(dim=-1)
+        return scores_N.tolist(), (logits_NV.argmax(dim=-1) == targets_N).tolist()
+
+    def _score_batch(self, prepared: list[tuple[list[int], list[int]]], batch: Sequence[int],
+                     scores: list[list[float]], greedy: list[list[bool]]) -> None:
+        """Score one batch of whole sequences; append each request's token scores to ``scores``/``greedy``."""
+        inputs = [prepared[i][0] for i in batch]
+        continuations = [prepared[i][1] for i in batch]
+        token_scores, token_greedy = self._token_scores(self._predicting_logits(inputs, continuations),
+                                                        [t for c in continuations for t in c])
+        start = 0
+        for i, continuation in zip(batch, continuations):
+            end = start + len(continuation)
+            scores[i] += token_scores[start:end]
+            greedy[i] += token_greedy[start:end]
+            start = end
+
+    def _score_shared_prompts(self, prepared: list[tuple[list[int], list[int]]], block: Sequence[int],
+                              scores: list[list[float]], greedy: list[list[bool]]) -> None:
+        """Score a block of requests that have at most ``batch_size`` distinct prompts.
+
+        The prompts run once, in one pass that keeps their keys and values; the prompt's last position
+        predicts each continuation's first token. The rest of every continuation then runs on top of its
+        prompt's cache, in batches sorted by length so that little padding is computed.
+        """
+        prompt_rows: dict[tuple[int, ...], int] = {}
+        for i in block:
+            prompt_rows.setdefault(_prompt(*prepared[i]), len(prompt_rows))
+        prompts = list(prompt_rows)
+        row_of = {i: prompt_rows[_prompt(*prepared[i])] for i in block}
+        idx, padding_mask = self._padded([list(prompt) for prompt in prompts])
+        with torch.inference_mode():
+            first = self.model(idx, padding_mask=padding_mask, use_cache=True, head=False)
+            last_positions = torch.tensor([len(prompt) - 1 for prompt in prompts], device=self._device)
+            last_hidden_PD = first.hidden[torch.arange(len(prompts), device=self._device), last_positions]
+            block_rows = torch.tensor([row_of[i] for i in block], device=self._device)
+            token_scores, token_greedy = self._token_scores(
+                self.model.lm_head(last_hidden_PD.index_select(0, block_rows)), [prepared[i][1][0] for i in block])
+            for n, i in enumerate(block):
+                scores[i].append(token_scores[n])
+                greedy[i].append(token_greedy[n])
+
+            rest = sorted((i for i in block if len(prepared[i][1]) > 1), key=lambda i: -len(prepared[i][1]))
+            for batch in _chunks(rest, self.batch_size):
+                # The fed tail of a continuation: all of its tokens but the last, which is only predicted.
+                tails = [prepared[i][0][len(_prompt(*prepared[i])):] for i in batch]
+                tail_idx, tail_mask = self._padded(tails)
+                past = first.cache.select(torch.tensor([row_of[i] for i in batch], device=self._device))
+                hidden_BTD = self.model(tail_idx, padding_mask=tail_mask, past=past, head=False).hidden
+                rows = torch.cat([torch.full((len(t),), row) for row, t in enumerate(tails)]).to(self._device)
+                positions = torch.cat([torch.arange(len(t)) for t in tails]).to(self._device)
+                token_scores, token_greedy = self._token_scores(
+                    self.model.lm_head(hidden_BTD[rows, positions]), [t for i in batch for t in prepared[i][1][1:]])
+                start = 0
+                for i, tail in zip(batch, tails):
+                    scores[i] += token_scores[start:start + len(tail)]
+                    greedy[i] += token_greedy[start:start + len(tail)]
+                    start += len(tail)
+
+    def _prompt_blocks(self, prepared: list[tuple[list[int], list[int]]]) -> Iterator[list[int]]:
+        """Split the requests into blocks of at most ``batch_size`` distinct prompts, longest prompt group first.
+
+        Requests with the same prompt sit in the same block (the choices of one question), and groups come
+        in order of their longest request, as lm-eval's longest-first batching would order them.
+        """
+        prompt_of = [_prompt(x, c) for x, c in prepared]
+        longest: dict[tuple[int, ...], int] = {}
+        first_seen: dict[tuple[int, ...], int] = {}
+        for i, prompt in enumerate(prompt_of):
+            longest[prompt] = max(longest.get(prompt, 0), len(prepared[i][0]))
+            first_seen.setdefault(prompt, i)
+        order = sorted(range(len(prepared)), key=lambda i: (-longest[prompt_of[i]], first_seen[prompt_of[i]]))
+        block: list[int] = []
+        distinct: set[tuple[int, ...]] = set()
+        for i in order:
+            if prompt_of[i] not in distinct and len(distinct) == self.batch_size:
+                yield block
+                block, distinct = [], set()
+            distinct.add(prompt_of[i])
+            block.append(i)
+        if block:
+            yield block
 
     def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:
         """Score ``(context_ids, continuation_ids)`` pairs; return (sum log-prob, is_greedy) per pair."""
         window = self._max_length
-        for context, continuation_ids in ((r[0], r[2]) for r in requests):
-            if not continuation_ids:
-                raise ValueError(f"continuation of request {context!r} encodes to no tokens; "
-                                 "lm-eval continuations must be non-empty")
-
-        # Longest first, so each batch is padded to its first row and out-of-memory shows up at once.
-        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        prepared = []
         truncated = 0
         # NOTE: a continuation longer than the window is scored on its last `window` tokens only, with
         # the earlier ones as context. HFLM rejects such requests; this keeps small-window models usable.
         partial = 0
-        for batch in _chunks(order, self.batch_size):
-            inputs, continuations = [], []
-            for i in batch:
-                _, context_ids, continuation_ids = requests[i]
-                full = context_ids + continuation_ids
-                if len(full) > window + 1:
-                    truncated += 1
-                # The last token is only predicted, never fed; keep the window's worth before it.
-                inputs.append(full[-(window + 1):][:-1])
-                if len(continuation_ids) > window:
-                    partial += 1
-                continuations.append(continuation_ids[-window:])
+        for context, context_ids, continuation_ids in requests:
+            if not continuation_ids:
+                raise ValueError(f"continuation of request {context!r} encodes to no tokens; "
+                                 "lm-eval continuations must be non-empty")
+            full = context_ids + continuation_ids
+            if len(full) > window + 1:
+                truncated += 1
+            if len(continuation_ids) > window:
+                partial += 1
+            # The last token is only predicted, never fed; keep the window's worth before it.
+            prepared.append((full[-(window + 1):][:-1], continuation_ids[-window:]))
 
-            logits = self._forward_logits(inputs)  # (B, T, V)
-            # Position t predicts token t + 1, so each continuation is predicted by its row's last
-            # n_cont inputs. Gather those rows first: log-softmax then runs on (sum n_cont, V) only.
-            rows = torch.cat([torch.full((len(c),), row) for row, c in enumerate(continuations)])
-            positions = torch.cat([torch.arange(len(x) - len(c), len(x)) for x, c in zip(inputs, continuations)])
-            targets = torch.tensor([t for c in continuations for t in c], device=logits.device)
-            log_probs = logits[rows.to(logits.device), positions.to(logits.device)].float().log_softmax(dim=-1)
-            token_scores = log_probs.gather(-1, targets[:, None]).squeeze(-1).tolist()
-            token_greedy = (log_probs.argmax(dim=-1) == targets).tolist()
+        scores: list[list[float]] = [[] for _ in requests]
+        greedy: list[list[bool]] = [[] for _ in requests]
+        # At batch size 1 a shared prompt would cost one more forward pass per question, which outweighs the
+        # saved tokens wherever the pass count, not the token count, sets the time (a GPU, short requests).
+        if self.share_prompts and self.batch_size > 1:
+            for block in self._prompt_blocks(prepared):
+                self._score_shared_prompts(prepared, block, scores, greedy)
+        else:
+            # Longest first, so each batch is padded to its first row and out-of-memory shows up at once.
+            order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
+            for batch in _chunks(order, self.batch_size):
+                self._score_batch(prepared, batch, scores, greedy)
 
-            start = 0
-            for row, i in enumerate(batch):
-                end = start + len(continuations[row])
-                score, is_greedy = math.fsum(token_scores[start:end]), all(token_greedy[start:end])
-                start = end
-                results[i] = (score, is_greedy)
-                if requests[i][0] is not None and self.cache_hook is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], (score, is_greedy))
+        results = []
+        for request, request_scores, request_greedy in zip(requests, scores, greedy):
+            results.append((math.fsum(request_scores), all(request_greedy)))
+            if request[0] is not None and self.cache_hook is not None:
+                self.cache_hook.add_partial("loglikelihood", request[0], results[-1])
 
         self.truncated_count = truncated
         self.partial_continuation_count = partial
@@ -272,7 +391,7 @@ class AoELM(TemplateLM):
         if partial:
             logger.warning("%d of %d continuations were longer than the %d-token window; only their last "
                            "%d tokens were scored", partial, len(requests), window, window)
-        return results  # type: ignore[return-value]
+        return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Return the total log-likelihood of each text, every token scored exactly once.
@@ -304,8 +423,9 @@ class AoELM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding until a stop sequence, the EOS token or ``max_gen_toks`` new tokens.
 
-        The output is cut before the first stop sequence. Requests run one at a time with a full
-        forward pass per token, because the model exposes no KV cache.
+        The output is cut before the first stop sequence. Requests run one at a time. While the sequence fits
+        the window, a ``Transformer`` runs each new token on top of the cached keys and values. Beyond the
+        window, and for other models, every token takes a forward pass over the last window.
         """
         outputs = []
         for request in requests:
@@ -314,6 +434,25 @@ class AoELM(TemplateLM):
             if self.cache_hook is not None:
                 self.cache_hook.add_partial("generate_until", request.args, outputs[-1])
         return outputs
+
+    def _greedy_next(self, tokens: list[int], cache: KVCache | None) -> tuple[int, KVCache | None]:
+        """Return the arg-max next token after ``tokens`` and the cache to pass with the following call.
+
+        ``cache`` contains every token but the last when the previous call's sequence fit the window.
+        """
+        window = self._max_length
+        if not isinstance(self.model, Transformer):
+            return int(self._forward_logits([tokens[-window:]])[0, -1].argmax()), None
+        with torch.inference_mode():
+            if cache is not None and len(tokens) <= window:
+                idx = torch.tensor([tokens[-1:]], device=self._device)
+                out = self.model(idx, past=cache, use_cache=True, head=False)
+            else:
+                # Once the sequence outgrows the window, the window slides and every position shifts, so start over.
+                idx = torch.tensor([tokens[-window:]], device=self._device)
+                out = self.model(idx, use_cache=True, head=False)
+            next_id = int(self.model.lm_head(out.hidden[0, -1]).argmax())
+        return next_id, out.cache if len(tokens) < window else None
 
     def _generate_one(self, context: str, gen_kwargs: dict) -> str:
         until = gen_kwargs.pop("until", None) or []
@@ -331,9 +470,9 @@ class AoELM(TemplateLM):
         tokens = self.tok_encode(context) or [self.prefix_token_id]
         generated: list[int] = []
         text = ""
+        cache = None
         for _ in range(max_gen_toks):
-            window = (tokens + generated)[-self._max_length:]
-            next_id = int(self._forward_logits([window])[0, -1].argmax())
+            next_id, cache = self._greedy_next(tokens + generated, cache)
             if next_id == self.eot_token_id:
                 break
             generated.append(next_id)

@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weight dtype (default: as exported)")
+    parser.add_argument("--share_prompts", type=str.lower, choices=["true", "false"], default="true",
+                        help="run a prompt shared by several requests (the choices of a question) once (default: true)")
+    parser.add_argument("--reuse_cpu_memory", type=str.lower, choices=["true", "false"], default="true",
+                        help="on CPU with glibc, keep freed tensor memory in the process for the next batch "
+                             "(default: true; resident memory stays at its peak)")
     parser.add_argument("--output_dir", required=True, help="folder for results.json and results.md")
     parser.add_argument("--tensorboard_dir", default=None, help="also log eval/<task>/<metric> scalars here")
     parser.add_argument("--step", type=int, default=None,
@@ -150,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         lm = AoELM(checkpoint=str(checkpoint), batch_size=args.batch_size, max_batch_size=args.max_batch_size,
-                   device=args.device, dtype=args.dtype)
+                   device=args.device, dtype=args.dtype, share_prompts=args.share_prompts == "true")
     except (OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
         return _fail(f"could not load checkpoint {str(checkpoint)!r}: {err}")
+    if args.reuse_cpu_memory == "true" and lm.device.type == "cpu":
+        from aoe_lightning.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
 
     results = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, task_manager=task_manager, limit=args.limit, log_samples=args.log_samples,
