@@ -188,6 +188,15 @@ def test_each_prompt_runs_once(share_prompts, expected, batch_size):
     assert sum(counts) == expected
 
 
+def test_distinct_prompts_run_in_one_pass():
+    tok = ByteTokenizer()
+    model = tiny_model(tok.vocab_size)
+    counts = count_fed_tokens(model)
+    lm = AoELM(model=model, tokenizer=tok, batch_size=4)
+    lm.loglikelihood(make_requests([("First", " a"), ("Second", " bb"), ("Third", " ccc")]))
+    assert counts == [(5 + 1) + (6 + 2) + (5 + 3)]
+
+
 def test_batch_size_one_runs_whole_sequences():
     tok = ByteTokenizer()
     model = tiny_model(tok.vocab_size)

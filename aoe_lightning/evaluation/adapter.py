@@ -295,12 +295,14 @@ class AoELM(TemplateLM):
             first = self.model(idx, padding_mask=padding_mask, use_cache=True, head=False)
             last_positions = torch.tensor([len(prompt) - 1 for prompt in prompts], device=self._device)
             last_hidden_PD = first.hidden[torch.arange(len(prompts), device=self._device), last_positions]
-            block_rows = torch.tensor([row_of[i] for i in block], device=self._device)
-            token_scores, token_greedy = self._token_scores(
-                self.model.lm_head(last_hidden_PD.index_select(0, block_rows)), [prepared[i][1][0] for i in block])
-            for n, i in enumerate(block):
-                scores[i].append(token_scores[n])
-                greedy[i].append(token_greedy[n])
+            # First continuation tokens, batch_size requests at a time to bound the (requests, V) logits.
+            for batch in _chunks(block, self.batch_size):
+                batch_rows = torch.tensor([row_of[i] for i in batch], device=self._device)
+                token_scores, token_greedy = self._token_scores(
+                    self.model.lm_head(last_hidden_PD.index_select(0, batch_rows)), [prepared[i][1][0] for i in batch])
+                for n, i in enumerate(batch):
+                    scores[i].append(token_scores[n])
+                    greedy[i].append(token_greedy[n])
 
             rest = sorted((i for i in block if len(prepared[i][1]) > 1), key=lambda i: -len(prepared[i][1]))
             for batch in _chunks(rest, self.batch_size):
@@ -319,11 +321,12 @@ class AoELM(TemplateLM):
                     greedy[i] += token_greedy[start:start + len(tail)]
                     start += len(tail)
 
-    def _prompt_blocks(self, prepared: list[tuple[list[int], list[int]]]) -> Iterator[list[int]]:
+    def _prompt_blocks(self, prepared: list[tuple[list[int], list[int]]]) -> Iterator[tuple[list[int], bool]]:
         """Split the requests into blocks of at most ``batch_size`` distinct prompts, longest prompt group first.
 
         Requests with the same prompt sit in the same block (the choices of one question), and groups come
-        in order of their longest request, as lm-eval's longest-first batching would order them.
+        in order of their longest request, as lm-eval's longest-first batching would order them. Yields each
+        block and whether any of its prompts is shared.
         """
         prompt_of = [_prompt(x, c) for x, c in prepared]
         longest: dict[tuple[int, ...], int] = {}
@@ -336,12 +339,12 @@ class AoELM(TemplateLM):
         distinct: set[tuple[int, ...]] = set()
         for i in order:
             if prompt_of[i] not in distinct and len(distinct) == self.batch_size:
-                yield block
+                yield block, len(distinct) < len(block)
                 block, distinct = [], set()
             distinct.add(prompt_of[i])
             block.append(i)
         if block:
-            yield block
+            yield block, len(distinct) < len(block)
 
     def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:
@@ -369,8 +372,12 @@ class AoELM(TemplateLM):
         # At batch size 1 a shared prompt would cost one more forward pass per question, which outweighs the
         # saved tokens wherever the pass count, not the token count, sets the time (a GPU, short requests).
         if self.share_prompts and self.batch_size > 1:
-            for block in self._prompt_blocks(prepared):
-                self._score_shared_prompts(prepared, block, scores, greedy)
+            for block, shared in self._prompt_blocks(prepared):
+                if shared:
+                    self._score_shared_prompts(prepared, block, scores, greedy)
+                else:
+                    # No prompt repeats in this block (rolling windows, single-choice tasks), so one pass suffices.
+                    self._score_batch(prepared, block, scores, greedy)
         else:
             # Longest first, so each batch is padded to its first row and out-of-memory shows up at once.
             order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
