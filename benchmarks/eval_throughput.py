@@ -1,16 +1,17 @@
 """Loglikelihood requests per second of the ``aoe`` lm-eval model at several batch sizes.
 
 Scores the first N HellaSwag requests (context + " " + ending, four per item) with a tiny randomly
-initialised dense model and prints one row per batch size with its speed-up over batch size 1, once with
-the adapter's default of running each shared prompt once (``share_prompts``) and once scoring whole
-sequences as lm-eval's own models do. When
-``transformers`` is installed (the ``hf`` extra), lm-eval's own ``hf`` model is timed on the same requests at
-the same batch sizes: a Llama (RMSNorm, RoPE, SwiGLU, untied head) of the same width, depth, FFN width and
-window, built from a config, with a byte-level tokenizer built in memory that gives the same ids as the
-``aoe`` byte tokenizer. Nothing is downloaded, and both models score identical token sequences.
+initialised dense model. Each row is one batch size, with the rate and the speed-up over the first batch
+size for each configuration: the adapter's default (each shared prompt runs once, ``share_prompts``), the
+adapter scoring whole sequences as lm-eval's own models do, and, when ``transformers`` is installed (the
+``hf`` extra), lm-eval's own ``hf`` model. That model is a Llama (RMSNorm, RoPE, SwiGLU, untied head) of the
+same width, depth, FFN width and window, built from a config. Its tokenizer is built in memory and gives the
+same ids as the ``aoe`` one (``--tokenizer byte``: UTF-8 bytes; ``bpe``: a BPE trained on the package's
+built-in corpus), so all configurations score identical token sequences and nothing is downloaded. Every
+configuration is timed ``--rounds`` times, interleaved, and the table shows the medians.
 
-    python benchmarks/eval_throughput.py --data_dir /data/eval [--requests 2000] [--batch_sizes 1,8,32] \
-        [--tokenizer byte|bpe] [--rounds 3]
+    python benchmarks/eval_throughput.py --data_dir /data/eval [--requests 2000] [--batch_sizes 1,8,32]
+    python benchmarks/eval_throughput.py --data_dir /data/eval --tokenizer bpe [--rounds 3]
 
 As ``aoe eval`` does on CPU, glibc's malloc keeps freed memory for the next batch (``--default-malloc``
 turns this off).
@@ -175,12 +176,12 @@ def main() -> None:
     rates = {key: statistics.median(values) for key, values in samples.items()}
 
     print(f"median of {args.rounds} rounds\n")
-    header = "| batch size | aoe requests/s | aoe vs batch 1 | aoe whole sequences | whole vs batch 1 |"
+    first = args.batch_sizes[0]
+    header = f"| batch size | aoe requests/s | aoe vs batch {first} | aoe whole sequences | whole vs batch {first} |"
     if hf is not None:
-        header += " hf requests/s | hf vs batch 1 | aoe / hf |"
+        header += f" hf requests/s | hf vs batch {first} | aoe / hf |"
     print(header)
     print("|" + "---:|" * (header.count("|") - 1))
-    first = args.batch_sizes[0]
     for batch_size in args.batch_sizes:
         row = f"| {batch_size} |"
         for name in ("aoe", "whole") + (("hf",) if hf is not None else ()):
@@ -188,6 +189,7 @@ def main() -> None:
         if hf is not None:
             row += f" {rates['aoe', batch_size] / rates['hf', batch_size]:.2f} |"
         print(row, flush=True)
+
 
 if __name__ == "__main__":
     main()

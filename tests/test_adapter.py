@@ -209,6 +209,7 @@ def test_batch_size_one_runs_whole_sequences():
 def test_share_prompts_option(merge_model):
     assert not AoELM(model=merge_model, tokenizer=MergeTokenizer(), share_prompts="False").share_prompts
     assert AoELM(model=merge_model, tokenizer=MergeTokenizer(), share_prompts="true").share_prompts
+    assert not AoELM(model=merge_model, tokenizer=MergeTokenizer(), share_prompts=0).share_prompts
     # Only the package's Transformer can continue from cached keys and values.
     assert not AoELM(model=NextByteModel(), tokenizer=ByteTokenizer()).share_prompts
     with pytest.raises(ValueError, match="share_prompts='yes'"):

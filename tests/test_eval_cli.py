@@ -65,6 +65,17 @@ def test_cli_writes_results(export_path, tmp_path, capsys):
     assert "piqa_local" in capsys.readouterr().out
 
 
+@needs_data
+def test_cli_tasks_report_every_metric(export_path, tmp_path):
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(export_path), "--tasks", "lambada_openai_local", "--data_dir", str(DATA),
+                 "--limit", "3", "--batch_size", "2", "--share_prompts", "false", "--output_dir", str(out)])
+    assert code == 0
+
+    metrics = [line.split(" | ")[1] for line in (out / "results.md").read_text().splitlines()[2:]]
+    assert sorted(metrics) == ["acc", "perplexity"]
+
+
 def test_cli_missing_checkpoint(tmp_path, capsys):
     missing = tmp_path / "nope.pt"
     code = main(["--checkpoint", str(missing), "--tasks", "piqa_local", "--output_dir", str(tmp_path)])

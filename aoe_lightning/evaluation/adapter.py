@@ -136,10 +136,11 @@ class AoELM(TemplateLM):
         self._max_length = int(max_length) if max_length is not None else model_window
         self.vocab_size = int(model.config.vocab_size)
         self.max_gen_toks = int(max_gen_toks)
-        # lm-eval passes model_args as text.
-        if str(share_prompts).strip().lower() not in ("true", "false"):
-            raise ValueError(f"share_prompts={share_prompts!r} must be true or false")
-        self.share_prompts = str(share_prompts).strip().lower() == "true" and isinstance(self.model, Transformer)
+        # lm-eval passes model_args as text, or as int and bool where the text parses as one.
+        flag = str(share_prompts).strip().lower()
+        if flag not in ("true", "false", "1", "0"):
+            raise ValueError(f"share_prompts={share_prompts!r} must be true or false (or 1 or 0)")
+        self.share_prompts = flag in ("true", "1") and isinstance(self.model, Transformer)
 
         self.max_batch_size = int(max_batch_size)
         requested = _parse_batch_size(batch_size)

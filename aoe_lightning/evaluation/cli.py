@@ -70,8 +70,9 @@ def metric_rows(results: dict, metrics: tuple[str, ...] | None = None) -> list[d
     for task, values in results["results"].items():
         n = results.get("n-samples", {}).get(task, {}).get("effective")
         for key, value in values.items():
-            metric, _, filter_name = key.partition(",")
-            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            metric, comma, filter_name = key.partition(",")
+            # Metrics are keyed "metric,filter"; other keys ("alias", "sample_len") describe the task.
+            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             if metrics and metric not in metrics:
                 continue

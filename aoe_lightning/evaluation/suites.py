@@ -82,14 +82,17 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def suite_from_task_names(names: list[str], num_fewshot: int = 0) -> Suite:
-    """Build an ad-hoc suite from task names; names in LOCAL_TASKS are local, others built-in."""
+    """Build an ad-hoc suite from task names; names in LOCAL_TASKS are local, others built-in.
+
+    It reports every metric the tasks compute (perplexity for LAMBADA, for example), not only acc and acc_norm.
+    """
     entries = []
     for name in names:
         if name in LOCAL_TASKS:
             entries.append(SuiteEntry(LOCAL_TASKS[name].builtin, (name,), num_fewshot))
         else:
             entries.append(SuiteEntry(name, (), num_fewshot))
-    return Suite(name="tasks", entries=tuple(entries))
+    return Suite(name="tasks", entries=tuple(entries), metrics=())
 
 
 def resolve_suite(suite: Suite, data_dir: Path | None, skip_unavailable: bool = False) -> ResolvedSuite:
