@@ -13,8 +13,10 @@ configuration is timed ``--rounds`` times, interleaved, and the table shows the 
     python benchmarks/eval_throughput.py --data_dir /data/eval [--requests 2000] [--batch_sizes 1,8,32]
     python benchmarks/eval_throughput.py --data_dir /data/eval --tokenizer bpe [--rounds 3]
 
-As ``aoe eval`` does on CPU, glibc's malloc keeps freed memory for the next batch (``--default-malloc``
-turns this off).
+It runs on CUDA when available (``--device``). As ``aoe eval`` does on CPU, glibc's malloc keeps freed memory
+for the next batch there (``--default-malloc`` turns this off).
+
+NOTE: the CUDA path has not been run; the published numbers are from a 2-vCPU CPU.
 """
 
 from __future__ import annotations
@@ -114,8 +116,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte",
                         help="byte: UTF-8 bytes (about 194 tokens per request); bpe: a byte-level BPE trained on "
-                             "the built-in corpus (about 4 bytes per token)")
+                             "the built-in corpus (about 73 tokens per request)")
     parser.add_argument("--bpe_vocab_size", type=int, default=4096)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--rounds", type=int, default=3, help="timings per configuration; the table shows the median")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's default malloc thresholds instead of reusing freed memory")
@@ -129,7 +132,8 @@ def main() -> None:
         parser.error("pass --data_dir or set AOE_EVAL_DATA to a folder with hellaswag/hellaswag_val_full.txt.bz2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    reused = False if args.default_malloc else reuse_freed_memory()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    reused = device.type == "cpu" and not args.default_malloc and reuse_freed_memory()
 
     if args.tokenizer == "byte":
         tokenizer = ByteTokenizer()
@@ -140,7 +144,7 @@ def main() -> None:
     config = ModelConfig.from_dict({"vocab_size": tokenizer.vocab_size, "n_layers": args.n_layers, "n_heads": args.n_heads,
                                     "d_model": args.d_model, "max_seq_len": args.max_seq_len,
                                     "ffn": {"kind": "dense", "d_ffn": 4 * args.d_model}})
-    model = Transformer(config).eval()
+    model = Transformer(config).to(device).eval()
     requests = hellaswag_requests(data_dir, args.requests)
     # lm-eval's hf model rejects a continuation longer than its window, so neither model is timed on one.
     requests = [r for r in requests if len(r.arguments[1].encode("utf-8")) < args.max_seq_len]
@@ -149,10 +153,14 @@ def main() -> None:
     print(f"{len(requests)} HellaSwag loglikelihood requests, {tokens / len(requests):.0f} tokens per request, "
           f"{tokenizer!r}, dense model d_model={args.d_model} "
           f"n_layers={args.n_layers} max_seq_len={args.max_seq_len} ({n_params / 1e6:.2f}M params), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, "
-          f"{'freed memory reused' if reused else 'default malloc'}")
+          f"torch {torch.__version__}, " + (
+              f"{torch.get_num_threads()} threads, CPU, {'freed memory reused' if reused else 'default malloc'}"
+              if device.type == "cpu" else torch.cuda.get_device_name(device)))
     print()
     hf = hf_model(args, tokenizer.vocab_size, tokenizer.eos_id)
+    if hf is not None:
+        # HFLM (lm-eval 0.4.13) runs a model instance on the device the instance is already on.
+        hf = hf.to(device)
     if hf is None:
         print("lm-eval's hf model is skipped: `transformers` is not installed (pip install -e '.[hf]')\n")
     else:
@@ -161,13 +169,13 @@ def main() -> None:
     models = {}
     for batch_size in args.batch_sizes:
         for name, share in (("aoe", True), ("whole", False)):
-            models[name, batch_size] = AoELM(model=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
+            models[name, batch_size] = AoELM(model=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
                                              share_prompts=share)
         if hf is not None:
             from lm_eval.models.huggingface import HFLM
 
             models["hf", batch_size] = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=batch_size,
-                                            max_length=args.max_seq_len, device="cpu")
+                                            max_length=args.max_seq_len, device=str(device))
     # Rounds over every configuration, so a slow phase of a shared machine hits all of them alike.
     samples: dict[tuple[str, int], list[float]] = {key: [] for key in models}
     for _ in range(args.rounds):
