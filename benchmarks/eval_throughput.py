@@ -84,8 +84,9 @@ def bpe_tokenizers(vocab_size: int):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.to_dict()["tokenizer_json"]),
-                                           eos_token=tokenizer.to_dict()["eos_token"])
+    saved = tokenizer.to_dict()
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(saved["tokenizer_json"]),
+                                           eos_token=saved["eos_token"])
     return tokenizer, hf_tokenizer
 
 
@@ -112,7 +113,8 @@ def main() -> None:
     parser.add_argument("--n_layers", type=int, default=2)
     parser.add_argument("--n_heads", type=int, default=4)
     parser.add_argument("--max_seq_len", type=int, default=512,
-                        help="model window in tokens (bytes); requests whose continuation does not fit are dropped")
+                        help="model window in tokens; requests whose continuation has this many bytes or more are "
+                             "dropped")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte",
                         help="byte: UTF-8 bytes (about 194 tokens per request); bpe: a byte-level BPE trained on "
@@ -141,21 +143,23 @@ def main() -> None:
     else:
         tokenizer, hf_tokenizer = bpe_tokenizers(args.bpe_vocab_size)
     torch.manual_seed(0)
-    config = ModelConfig.from_dict({"vocab_size": tokenizer.vocab_size, "n_layers": args.n_layers, "n_heads": args.n_heads,
-                                    "d_model": args.d_model, "max_seq_len": args.max_seq_len,
+    config = ModelConfig.from_dict({"vocab_size": tokenizer.vocab_size, "n_layers": args.n_layers,
+                                    "n_heads": args.n_heads, "d_model": args.d_model, "max_seq_len": args.max_seq_len,
                                     "ffn": {"kind": "dense", "d_ffn": 4 * args.d_model}})
     model = Transformer(config).to(device).eval()
     requests = hellaswag_requests(data_dir, args.requests)
     # lm-eval's hf model rejects a continuation longer than its window, so neither model is timed on one.
     requests = [r for r in requests if len(r.arguments[1].encode("utf-8")) < args.max_seq_len]
     n_params = sum(p.numel() for p in model.parameters())
+    if device.type == "cpu":
+        device_text = f"{torch.get_num_threads()} threads, CPU, {'freed memory reused' if reused else 'default malloc'}"
+    else:
+        device_text = torch.cuda.get_device_name(device)
     tokens = sum(len(tokenizer.encode(context + continuation)) for context, continuation in (r.args for r in requests))
     print(f"{len(requests)} HellaSwag loglikelihood requests, {tokens / len(requests):.0f} tokens per request, "
           f"{tokenizer!r}, dense model d_model={args.d_model} "
           f"n_layers={args.n_layers} max_seq_len={args.max_seq_len} ({n_params / 1e6:.2f}M params), "
-          f"torch {torch.__version__}, " + (
-              f"{torch.get_num_threads()} threads, CPU, {'freed memory reused' if reused else 'default malloc'}"
-              if device.type == "cpu" else torch.cuda.get_device_name(device)))
+          f"torch {torch.__version__}, {device_text}")
     print()
     hf = hf_model(args, tokenizer.vocab_size, tokenizer.eos_id)
     if hf is not None:

@@ -24,8 +24,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from aoe_lightning.models import Transformer
-from aoe_lightning.models.attention import KVCache
+from aoe_lightning.models import KVCache, Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -239,15 +238,20 @@ class AoELM(TemplateLM):
         with torch.inference_mode():
             return self.model(idx, padding_mask=padding_mask).logits
 
+    def _positions(self, starts: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and position indices of ``lengths[r]`` consecutive positions from ``starts[r]`` in each row r."""
+        rows = torch.cat([torch.full((n,), row) for row, n in enumerate(lengths)])
+        positions = torch.cat([torch.arange(start, start + n) for start, n in zip(starts, lengths)])
+        return rows.to(self._device), positions.to(self._device)
+
     def _predicting_logits(self, inputs: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
         """Logits (sum of continuation lengths, V) at the positions that predict each continuation token.
 
         Position t predicts token t + 1, so a continuation is predicted by its row's last len(continuation)
         inputs. A ``Transformer`` projects only those positions onto the vocabulary.
         """
-        rows = torch.cat([torch.full((len(c),), row) for row, c in enumerate(continuations)]).to(self._device)
-        positions = torch.cat([torch.arange(len(x) - len(c), len(x)) for x, c in zip(inputs, continuations)])
-        positions = positions.to(self._device)
+        rows, positions = self._positions([len(x) - len(c) for x, c in zip(inputs, continuations)],
+                                          [len(c) for c in continuations])
         idx, padding_mask = self._padded(inputs)
         with torch.inference_mode():
             if not isinstance(self.model, Transformer):
@@ -256,41 +260,43 @@ class AoELM(TemplateLM):
             return self.model.lm_head(hidden_BTD[rows, positions])
 
     @staticmethod
-    def _token_scores(logits_NV: torch.Tensor, targets: list[int]) -> tuple[list[float], list[bool]]:
-        """fp32 log-probability of each target token and whether it is the arg-max."""
-        targets_N = torch.tensor(targets, device=logits_NV.device)
+    def _record_scores(logits_NV: torch.Tensor, batch: Sequence[int], targets: list[list[int]],
+                       scores: list[list[float]], greedy: list[list[bool]]) -> None:
+        """Append each target token's fp32 log-probability and arg-max flag to ``scores[i]`` and ``greedy[i]``.
+
+        ``targets`` has one token list per request ``i`` of ``batch``, in the row order of ``logits_NV``.
+        """
+        targets_N = torch.tensor([t for tokens in targets for t in tokens], device=logits_NV.device)
         logits_NV = logits_NV.float()
         # log_softmax at the target only: logit - logsumexp, without writing out the (N, V) log-probabilities.
-        scores_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - logits_NV.logsumexp(dim=-1)
-        return scores_N.tolist(), (logits_NV.argmax(dim=-1) == targets_N).tolist()
+        token_scores = (logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - logits_NV.logsumexp(dim=-1)).tolist()
+        token_greedy = (logits_NV.argmax(dim=-1) == targets_N).tolist()
+        start = 0
+        for i, tokens in zip(batch, targets):
+            scores[i] += token_scores[start:start + len(tokens)]
+            greedy[i] += token_greedy[start:start + len(tokens)]
+            start += len(tokens)
 
     def _score_batch(self, prepared: list[tuple[list[int], list[int]]], batch: Sequence[int],
                      scores: list[list[float]], greedy: list[list[bool]]) -> None:
-        """Score one batch of whole sequences; append each request's token scores to ``scores``/``greedy``."""
+        """Score one batch of whole sequences into ``scores`` and ``greedy``."""
         inputs = [prepared[i][0] for i in batch]
         continuations = [prepared[i][1] for i in batch]
-        token_scores, token_greedy = self._token_scores(self._predicting_logits(inputs, continuations),
-                                                        [t for c in continuations for t in c])
-        start = 0
-        for i, continuation in zip(batch, continuations):
-            end = start + len(continuation)
-            scores[i] += token_scores[start:end]
-            greedy[i] += token_greedy[start:end]
-            start = end
+        self._record_scores(self._predicting_logits(inputs, continuations), batch, continuations, scores, greedy)
 
     def _score_shared_prompts(self, prepared: list[tuple[list[int], list[int]]], block: Sequence[int],
                               scores: list[list[float]], greedy: list[list[bool]]) -> None:
         """Score a block of requests that have at most ``batch_size`` distinct prompts.
 
-        The prompts run once, in one pass that keeps their keys and values; the prompt's last position
+        The prompts run once, in one pass that keeps their keys and values. The prompt's last position
         predicts each continuation's first token. The rest of every continuation then runs on top of its
         prompt's cache, in batches sorted by length so that little padding is computed.
         """
         prompt_rows: dict[tuple[int, ...], int] = {}
+        row_of = {}
         for i in block:
-            prompt_rows.setdefault(_prompt(*prepared[i]), len(prompt_rows))
+            row_of[i] = prompt_rows.setdefault(_prompt(*prepared[i]), len(prompt_rows))
         prompts = list(prompt_rows)
-        row_of = {i: prompt_rows[_prompt(*prepared[i])] for i in block}
         idx, padding_mask = self._padded([list(prompt) for prompt in prompts])
         with torch.inference_mode():
             first = self.model(idx, padding_mask=padding_mask, use_cache=True, head=False)
@@ -299,28 +305,19 @@ class AoELM(TemplateLM):
             # First continuation tokens, batch_size requests at a time to bound the (requests, V) logits.
             for batch in _chunks(block, self.batch_size):
                 batch_rows = torch.tensor([row_of[i] for i in batch], device=self._device)
-                token_scores, token_greedy = self._token_scores(
-                    self.model.lm_head(last_hidden_PD.index_select(0, batch_rows)), [prepared[i][1][0] for i in batch])
-                for n, i in enumerate(batch):
-                    scores[i].append(token_scores[n])
-                    greedy[i].append(token_greedy[n])
+                logits_NV = self.model.lm_head(last_hidden_PD.index_select(0, batch_rows))
+                self._record_scores(logits_NV, batch, [prepared[i][1][:1] for i in batch], scores, greedy)
 
             rest = sorted((i for i in block if len(prepared[i][1]) > 1), key=lambda i: -len(prepared[i][1]))
             for batch in _chunks(rest, self.batch_size):
                 # The fed tail of a continuation: all of its tokens but the last, which is only predicted.
-                tails = [prepared[i][0][len(_prompt(*prepared[i])):] for i in batch]
+                tails = [prepared[i][0][len(prompts[row_of[i]]):] for i in batch]
                 tail_idx, tail_mask = self._padded(tails)
                 past = first.cache.select(torch.tensor([row_of[i] for i in batch], device=self._device))
                 hidden_BTD = self.model(tail_idx, padding_mask=tail_mask, past=past, head=False).hidden
-                rows = torch.cat([torch.full((len(t),), row) for row, t in enumerate(tails)]).to(self._device)
-                positions = torch.cat([torch.arange(len(t)) for t in tails]).to(self._device)
-                token_scores, token_greedy = self._token_scores(
-                    self.model.lm_head(hidden_BTD[rows, positions]), [t for i in batch for t in prepared[i][1][1:]])
-                start = 0
-                for i, tail in zip(batch, tails):
-                    scores[i] += token_scores[start:start + len(tail)]
-                    greedy[i] += token_greedy[start:start + len(tail)]
-                    start += len(tail)
+                rows, positions = self._positions([0] * len(tails), [len(t) for t in tails])
+                logits_NV = self.model.lm_head(hidden_BTD[rows, positions])
+                self._record_scores(logits_NV, batch, [prepared[i][1][1:] for i in batch], scores, greedy)
 
     def _prompt_blocks(self, prepared: list[tuple[list[int], list[int]]]) -> Iterator[tuple[list[int], bool]]:
         """Split the requests into blocks of at most ``batch_size`` distinct prompts, longest prompt group first.
@@ -365,7 +362,7 @@ class AoELM(TemplateLM):
                 truncated += 1
             if len(continuation_ids) > window:
                 partial += 1
-            # The last token is only predicted, never fed; keep the window's worth before it.
+            # The last token is only predicted, never fed, so keep the window's worth before it.
             prepared.append((full[-(window + 1):][:-1], continuation_ids[-window:]))
 
         scores: list[list[float]] = [[] for _ in requests]

@@ -100,7 +100,8 @@ def resolve_suite(suite: Suite, data_dir: Path | None, skip_unavailable: bool = 
 
     With ``data_dir`` each entry becomes the inline config of its first local task whose files exist.
     An entry with none raises FileNotFoundError (naming the files), or is listed in ``skipped`` (with its
-    reason in ``skip_reasons``) when ``skip_unavailable`` is set. Without ``data_dir`` every entry is its built-in lm-eval task.
+    reason in ``skip_reasons``) when ``skip_unavailable`` is set. Without ``data_dir`` every entry is its
+    built-in lm-eval task.
     """
     resolved = ResolvedSuite()
     for entry in suite.entries:

@@ -39,7 +39,7 @@ def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
 class KVCache:
     """Rotated keys and values of tokens already seen, one pair per block, for extending those sequences.
 
-    Rows may contain padding anywhere; ``mask_BP`` marks the real tokens, and a row's next token sits at
+    Rows may contain padding anywhere. ``mask_BP`` marks the real tokens, and a row's next token sits at
     position ``lengths_B`` (its count of real tokens).
     """
 
@@ -117,7 +117,7 @@ class CausalSelfAttention(nn.Module):
         past_kv: tuple[Tensor, Tensor] | None = None,
         attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Attend causally; return the output and this call's rotated keys and values, each (B, H, S, Dh).
+        """Attend causally and return the output and this call's rotated keys and values, each (B, H, S, Dh).
 
         ``rotation`` comes from ``rotation()`` (default: positions 0..S-1). ``past_kv`` contains the keys and
         values (B, H, P, Dh) of earlier tokens, with ``attn_mask`` from ``KVCache.attention_mask``.

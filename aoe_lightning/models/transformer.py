@@ -79,7 +79,7 @@ class Block(nn.Module):
 @dataclass
 class ModelOutput:
     logits: Tensor | None
-    """Next-token logits (B, S, V); None when the model was called with ``head=False``."""
+    """Next-token logits (B, S, V), or None when the model was called with ``head=False``."""
     hidden: Tensor
     """Final-norm hidden states (B, S, D), the input of ``lm_head``."""
     aux_losses: dict[str, Tensor] = field(default_factory=dict)

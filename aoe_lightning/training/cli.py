@@ -27,8 +27,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from aoe_lightning.data.datamodule import TokenShardDataModule
 from aoe_lightning.allocator import reuse_freed_memory
+from aoe_lightning.data.datamodule import TokenShardDataModule
 from aoe_lightning.training.fsdp import fsdp_strategy
 from aoe_lightning.training.callbacks import ExpertLoadHeatmap, RunSummary, ThroughputMonitor
 from aoe_lightning.training.module import LanguageModelModule
